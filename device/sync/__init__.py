@@ -1,0 +1,1 @@
+"""The device's link to the cloud: gRPC transport and stored credentials."""

@@ -1,0 +1,76 @@
+"""GrpcTransport: the device's gRPC client for cdca.v1.SyncService (deadlines on every call)."""
+
+from __future__ import annotations
+
+import grpc
+
+from device.settings import DeviceSettings
+from device.sync.credentials import Credentials
+from shared.errors import TransportError
+from shared.pb.v1 import sync_pb2_grpc
+from shared.types import DeviceStatus, Enrollment, EnrollmentGrant
+from shared.wire import convert
+
+
+def open_channel(settings: DeviceSettings) -> grpc.Channel:
+    """A channel to the cloud: TLS (optionally mutual) unless `insecure` is set."""
+    if settings.tls is None:
+        return grpc.insecure_channel(settings.cloud_address)
+    tls = settings.tls
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_file.read_bytes(),
+        private_key=tls.key_file.read_bytes() if tls.key_file else None,
+        certificate_chain=tls.cert_file.read_bytes() if tls.cert_file else None,
+    )
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(settings.cloud_address, creds, options=options)
+
+
+class GrpcTransport:
+    """Calls the cloud; every failure surfaces as TransportError(code, details)."""
+
+    def __init__(
+        self, channel: grpc.Channel, timeout_s: float, credentials: Credentials | None = None
+    ) -> None:
+        self._channel = channel
+        self._stub = sync_pb2_grpc.SyncServiceStub(channel)
+        self._timeout_s = timeout_s
+        self.credentials = credentials
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> GrpcTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.credentials is None:
+            raise TransportError("UNAUTHENTICATED", "device is not registered")
+        return (
+            ("x-cdca-device-id", self.credentials.device_id),
+            ("authorization", f"Bearer {self.credentials.device_token}"),
+        )
+
+    def register(self, enrollment: Enrollment) -> EnrollmentGrant:
+        """Enroll with the fleet secret."""
+        try:
+            reply = self._stub.Register(
+                convert.enrollment_to_pb(enrollment), timeout=self._timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as e:
+            raise TransportError(e.code().name, e.details() or "") from e
+        return convert.grant_from_pb(reply)
+
+    def status(self) -> DeviceStatus:
+        """The cloud's view of this device."""
+        try:
+            reply = self._stub.GetStatus(
+                convert.status_request(), timeout=self._timeout_s, metadata=self._metadata()
+            )
+        except grpc.RpcError as e:
+            raise TransportError(e.code().name, e.details() or "") from e
+        return convert.status_from_pb(reply)

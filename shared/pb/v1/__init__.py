@@ -1,0 +1,1 @@
+"""cdca.v1 wire contract (generated)."""

@@ -1,0 +1,1 @@
+"""The wire: tensor encoding, chunking, and the one module that touches protobuf types."""
