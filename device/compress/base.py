@@ -1,4 +1,5 @@
-"""Token-compressor contract: what a visual-token compressor sees (VisualBatch) and decides (KeepPlan).
+"""Token-compressor contract: what a visual-token compressor sees (VisualBatch) and decides
+(KeepPlan).
 
 Compressors are pure tensor code; `device/vlm/` applies their plans to real HF models.
 """

@@ -1,4 +1,5 @@
-"""Reference points for visual-token compression at a given budget: keep all, random, uniform stride.
+"""Reference points for visual-token compression at a given budget: keep all, random,
+uniform stride.
 
 VidCom2's paper compares against random selection at the same retention ratio; the uniform stride
 baseline is the spatial-pooling/striding family (keep evenly spaced tokens of every frame).
@@ -81,6 +82,9 @@ class UniformConfig:
 
     keep_ratio: float = 0.25
     """Fraction of the video's visual tokens kept (exactly round(keep_ratio * F * N))."""
+
+    def __post_init__(self) -> None:
+        check_keep_ratio(self.keep_ratio)
 
 
 class UniformCompressor:

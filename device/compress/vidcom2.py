@@ -1,10 +1,10 @@
 """VidCom2 (Liu et al., EMNLP 2025, arXiv:2505.14454): pre-LLM visual-token selection for video.
 
-Follows the official code (xuyang-liu16/VidCom2 main@944a17d, `token_compressor/vidcom2/vidcom2.py`),
-not the paper's formulas: low-variance channel selection, multi-scale Gaussian similarity of
-L2-normalised tokens to the video and frame centres, softmax (temperature 0.01) per-frame budgets
-("Frame Compression Adjustment") rounded half-to-even with a minimum of 1, then per frame the tokens
-least similar to both centres. All arithmetic stays in the input dtype, as upstream does.
+Follows the official code (xuyang-liu16/VidCom2 main@944a17d, token_compressor/vidcom2), not the
+paper's formulas: low-variance channel selection, multi-scale Gaussian similarity of L2-normalised
+tokens to the video and frame centres, softmax (temperature 0.01) per-frame budgets ("Frame
+Compression Adjustment") rounded half-to-even with a minimum of 1, then per frame the tokens least
+similar to both centres. All arithmetic stays in the input dtype, as upstream does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from device.compress.base import KeepPlan, Stage, VisualBatch, check_keep_ratio
 from shared.errors import ConfigError
 
 ALPHAS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
-"""Gaussian bandwidths 2^-3 .. 2^1 of the official multi-scale kernel, in upstream summation order."""
+"""Gaussian bandwidths 2^-3 .. 2^1 of the official multi-scale kernel, in upstream sum order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +235,7 @@ class VidCom2Compressor:
                                  exact_total(self.cfg.keep_ratio, t * m))
 
     def frame_budgets(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(F,) int64 per-frame budgets for (F, N, D) `embeds` (the Frame Compression Adjustment)."""
+        """(F,) int64 per-frame budgets of (F, N, D) `embeds`: the Frame Compression Adjustment."""
         t, m, _ = embeds.shape
         return self._budgets(self._scores(embeds), t, m)
 

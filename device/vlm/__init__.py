@@ -1,0 +1,1 @@
+"""Model-side integration of visual-token compression (HF VLMs)."""
