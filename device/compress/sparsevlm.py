@@ -181,6 +181,16 @@ def recycled_count(pruned: int, ratio: float = 0.3, cluster_ratio: float = 0.1) 
     return cluster_count(min(int(pruned * ratio) + 1, pruned), cluster_ratio)
 
 
+def stage_keep(target: int, current: int) -> int:
+    """Tokens kept at a stage: min(target, current).
+
+    The official code uses min(target, current - 1), which prunes (and recycles) one token even
+    when its table asks for more tokens than there are; that only happens for inputs smaller than
+    the tables assume (V < 576). Here such a stage keeps everything and changes nothing.
+    """
+    return max(0, min(target, current))
+
+
 def stage_counts(
     visual: int,
     targets: tuple[int, ...],
@@ -190,13 +200,12 @@ def stage_counts(
 ) -> list[tuple[int, int]]:
     """(kept, recycled) per pruning stage for `visual` tokens and per-stage targets k_i.
 
-    k = min(k_i, V_cur - 1) as in the official code (at least one token is always pruned),
-    then V_cur = k + recycled.
+    k = stage_keep(k_i, V_cur), then V_cur = k + recycled.
     """
     out = []
     cur = visual
     for t in targets:
-        k = max(0, min(t, cur - 1))
+        k = stage_keep(t, cur)
         c = recycled_count(cur - k, ratio, cluster_ratio) if recycle_tokens else 0
         out.append((k, c))
         cur = k + c
@@ -231,6 +240,8 @@ def fit_targets(
     layers: tuple[int, ...],
     keep_ratio: float,
     recycle_tokens: bool = True,
+    ratio: float = 0.3,
+    cluster_ratio: float = 0.1,
 ) -> tuple[int, ...]:
     """Per-layer keep targets with the shape of the nearest official table, scaled so that the
     equivalent token count on this model (V tokens, `depth` layers, these pruning layers) is as
@@ -249,7 +260,7 @@ def fit_targets(
         return tuple(max(1, round(scale * s * visual / OFFICIAL_VISUAL_TOKENS)) for s in shape)
 
     def equiv(t: tuple[int, ...]) -> float:
-        counts = stage_counts(visual, t, recycle_tokens)
+        counts = stage_counts(visual, t, recycle_tokens, ratio, cluster_ratio)
         return equivalent_tokens(visual, depth, layers, [k + c for k, c in counts])
 
     lo, hi = 0.0, OFFICIAL_VISUAL_TOKENS / min(shape)
