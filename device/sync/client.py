@@ -8,7 +8,14 @@ from device.settings import DeviceSettings
 from device.sync.credentials import Credentials
 from shared.errors import TransportError
 from shared.pb.v1 import sync_pb2_grpc
-from shared.types import DeviceStatus, Enrollment, EnrollmentGrant
+from shared.types import (
+    DeviceStatus,
+    Enrollment,
+    EnrollmentGrant,
+    UpdateAck,
+    UpdateHeader,
+    UploadReceipt,
+)
 from shared.wire import convert
 
 
@@ -74,3 +81,39 @@ class GrpcTransport:
         except grpc.RpcError as e:
             raise TransportError(e.code().name, e.details() or "") from e
         return convert.status_from_pb(reply)
+
+    def upload(self, upload_id: str, payload: bytes) -> UploadReceipt:
+        """Stream one serialized SampleBatch in chunks; returns once the cloud stored it."""
+        try:
+            reply = self._stub.UploadSamples(
+                convert.upload_chunks(upload_id, payload), timeout=self._timeout_s,
+                metadata=self._metadata(), wait_for_ready=True,
+            )
+        except grpc.RpcError as e:
+            raise TransportError(e.code().name, e.details() or "") from e
+        receipt = convert.receipt_from_pb(reply)
+        if receipt.upload_id != upload_id:
+            raise TransportError("DATA_LOSS", f"receipt is for {receipt.upload_id!r}, "
+                                              f"expected {upload_id!r}")
+        return receipt
+
+    def fetch_update(self, have_version: int, max_bytes: int) -> tuple[UpdateHeader, bytes] | None:
+        """The update based on `have_version` (header unverified), or None when up to date."""
+        try:
+            stream = self._stub.GetUpdate(
+                convert.get_update_request(have_version), timeout=self._timeout_s,
+                metadata=self._metadata(),
+            )
+            return convert.reassemble_update(stream, max_bytes)
+        except grpc.RpcError as e:
+            raise TransportError(e.code().name, e.details() or "") from e
+
+    def ack(self, ack: UpdateAck) -> int:
+        """Report what happened to an update; returns the version the cloud now records."""
+        try:
+            reply = self._stub.AckUpdate(
+                convert.ack_to_pb(ack), timeout=self._timeout_s, metadata=self._metadata()
+            )
+        except grpc.RpcError as e:
+            raise TransportError(e.code().name, e.details() or "") from e
+        return convert.ack_response_from_pb(reply)
