@@ -2,9 +2,9 @@
 certificate per device (mutual TLS), written as PEM files. `python -m shared.certs` is idempotent:
 material that is still valid for what was asked is kept, anything else is (re)issued.
 
-Files in the output directory: `ca.pem`/`ca.key`, `server.pem`/`server.key`,
-`client-<id>.pem`/`client-<id>.key`. Keys are 0600, certificates 0644; every file is written
-atomically (temp file, fsync, rename), so a reader never sees half a key.
+Files in the output directory: `ca.pem`/`ca.key` (the key elsewhere with `--ca-key`),
+`server.pem`/`server.key`, `client-<id>.pem`/`client-<id>.key`. Keys are 0600, certificates
+0644; every file is written atomically (temp file, fsync, rename): no reader sees half a key.
 """
 
 from __future__ import annotations
@@ -248,11 +248,11 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
-def write_pair(directory: Path, cert_name: str, key_name: str, issued: Issued) -> None:
+def write_pair(cert_path: Path, key_path: Path, issued: Issued) -> None:
     """Write key (0600) then certificate (0644); a crash in between leaves a mismatched pair,
     which the next `ensure_tls_material` reissues."""
-    write_atomic(directory / key_name, issued.key_pem(), 0o600)
-    write_atomic(directory / cert_name, issued.cert_pem(), 0o644)
+    write_atomic(key_path, issued.key_pem(), 0o600)
+    write_atomic(cert_path, issued.cert_pem(), 0o644)
 
 
 def load_pair(cert_path: Path, key_path: Path) -> Issued | None:
@@ -331,23 +331,30 @@ def _ca_problem(ca: Issued, now: dt.datetime, renew_before: dt.timedelta) -> str
 
 
 def ensure_tls_material(
-    directory: Path, config: CertConfig, *, now: dt.datetime | None = None,
+    directory: Path, config: CertConfig, *, ca_key: Path | None = None,
+    now: dt.datetime | None = None,
 ) -> TlsFiles:
     """Leave a CA, a server certificate and the clients' certificates valid for `config` in
-    `directory`, keeping every existing file pair that already is (idempotent)."""
+    `directory`, keeping every existing file pair that already is (idempotent).
+
+    `ca_key` keeps the CA's private key out of `directory` (default `directory/ca.key`), so the
+    directory can be handed to the cloud and devices without the power to mint certificates.
+    """
     now = now or _now()
     renew = dt.timedelta(days=config.renew_before_days)
+    ca_key = ca_key or directory / CA_KEY
     directory.mkdir(parents=True, exist_ok=True)
+    ca_key.parent.mkdir(parents=True, exist_ok=True)
     created: list[str] = []
     kept: list[str] = []
 
-    ca = load_pair(directory / CA_CERT, directory / CA_KEY)
+    ca = load_pair(directory / CA_CERT, ca_key)
     problem = "missing or unreadable" if ca is None else _ca_problem(ca, now, renew)
     if ca is None or problem is not None:
         log.info("issuing a new CA", extra={"reason": problem})
         ca = new_ca(not_before=now - CLOCK_SKEW,
                     not_after=now + dt.timedelta(days=config.ca_days))
-        write_pair(directory, CA_CERT, CA_KEY, ca)
+        write_pair(directory / CA_CERT, ca_key, ca)
         created.append(CA_CERT)
     else:
         kept.append(CA_CERT)
@@ -367,7 +374,7 @@ def ensure_tls_material(
         log.info("issuing a certificate", extra={"file": cert_name, "reason": problem})
         leaf = issue(ca, cn, usage, server_names=names, not_before=now - CLOCK_SKEW,
                      not_after=now + dt.timedelta(days=config.leaf_days))
-        write_pair(directory, cert_name, key_name, leaf)
+        write_pair(directory / cert_name, directory / key_name, leaf)
         created.append(cert_name)
     return TlsFiles(directory, tuple(config.clients), tuple(created), tuple(kept))
 
@@ -381,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra DNS name or IP of the server (localhost, 127.0.0.1 always)")
     parser.add_argument("--client", action="append", default=[], metavar="ID",
                         help="device id that gets a client certificate (repeatable)")
+    parser.add_argument("--ca-key", type=Path, metavar="PATH",
+                        help="keep the CA private key here instead of OUT/ca.key")
     parser.add_argument("--days", type=int, default=397, help="lifetime of new leaf certificates")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             server_names=tuple(dict.fromkeys([*args.server_name, *DEFAULT_SERVER_NAMES])),
             clients=tuple(args.client), leaf_days=args.days,
             renew_before_days=min(30, args.days - 1))
-        files = ensure_tls_material(args.out, config)
+        files = ensure_tls_material(args.out, config, ca_key=args.ca_key)
     except ConfigError as e:
         sys.stderr.write(f"shared.certs: configuration error: {e}\n")
         return 2

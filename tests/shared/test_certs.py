@@ -162,7 +162,7 @@ def _expired(ca: certs.Issued, cn: str, usage: Usage, out: Path, **kw: object) -
     now = dt.datetime.now(dt.UTC)
     leaf = issue(ca, cn, usage, not_before=now - dt.timedelta(days=2),
                  not_after=now - dt.timedelta(days=1), **kw)  # type: ignore[arg-type]
-    certs.write_pair(out, f"{cn}.pem", f"{cn}.key", leaf)
+    certs.write_pair(out / f"{cn}.pem", out / f"{cn}.key", leaf)
     return out / f"{cn}.pem", out / f"{cn}.key"
 
 
@@ -287,3 +287,17 @@ def test_cli_is_idempotent_and_rejects_bad_ids(
     assert json.loads(capsys.readouterr().out)["created"] == []
     assert certs.main(["--out", str(tmp_path), "--client", "cam 1"]) == 2
     assert "cam 1" in capsys.readouterr().err
+
+
+def test_ca_key_can_live_outside_the_shared_directory(tmp_path: Path) -> None:
+    shared, private = tmp_path / "tls", tmp_path / "ca" / "ca.key"
+    cfg = CertConfig(clients=("cam-1",))
+    files = ensure_tls_material(shared, cfg, ca_key=private)
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert not (shared / "ca.key").exists()
+    ca = certs.load_pair(files.ca_cert, private)
+    assert ca is not None
+    assert ensure_tls_material(shared, cfg, ca_key=private).created == ()
+    # Without its key the CA cannot sign: a new CA and new leaves are issued.
+    assert set(ensure_tls_material(shared, cfg).created) == {"ca.pem", "server.pem",
+                                                            "client-cam-1.pem"}
