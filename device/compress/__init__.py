@@ -15,6 +15,11 @@ from device.compress.baselines import (
     UniformCompressor,
     UniformConfig,
 )
+from device.compress.sparsevlm import (
+    SparseVLMCompressor,
+    SparseVLMConfig,
+    VidCom2SparseVLMConfig,
+)
 from device.compress.vidcom2 import VidCom2Compressor, VidCom2Config
 from shared.registry import Registry
 
@@ -23,5 +28,8 @@ COMPRESSORS.register("none", NoCompressionConfig, NoCompressor)
 COMPRESSORS.register("random", RandomConfig, RandomCompressor)
 COMPRESSORS.register("uniform", UniformConfig, UniformCompressor)
 COMPRESSORS.register("vidcom2", VidCom2Config, VidCom2Compressor)
+# In-LLM (Stage.IN_LLM): run inside the decoder with device.vlm.sparsevlm_hooks.SparseVLMPruner.
+COMPRESSORS.register("sparsevlm", SparseVLMConfig, SparseVLMCompressor)
+COMPRESSORS.register("vidcom2+sparsevlm", VidCom2SparseVLMConfig, SparseVLMCompressor)
 
 __all__ = ["COMPRESSORS", "KeepPlan", "Stage", "TokenCompressor", "VisualBatch"]

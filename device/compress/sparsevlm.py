@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from device.compress.base import KeepPlan, Stage, VisualBatch, check_keep_ratio
+from device.compress.vidcom2 import vidcom2_frame_budgets
 from shared.errors import ConfigError
 
 OFFICIAL_TABLES: dict[int, tuple[int, int, int]] = {
@@ -28,6 +29,7 @@ OFFICIAL_TABLES: dict[int, tuple[int, int, int]] = {
 """Official k per pruning layer [2, 6, 15] of LLaVA-1.5-7B (V = 576), keyed by the
 "equivalent" retained-token budget (v1.5 / main1_0 `sparse_token_list_*`)."""
 
+FRAME_PLANNERS: tuple[str, ...] = ("none", "vidcom2")
 OFFICIAL_VISUAL_TOKENS = 576
 OFFICIAL_LAYER_FRACTIONS: tuple[float, ...] = (2 / 32, 6 / 32, 15 / 32)
 """Pruning layers 2, 6, 15 of LLaVA-1.5's 32, as fractions of depth."""
@@ -291,6 +293,12 @@ class SparseVLMConfig:
     """Fraction tau of the pruned tokens (highest-scoring first) that are recycled."""
     cluster_ratio: float = 0.1
     """Clusters per recycled token theta: c = int(theta * n2) + 1."""
+    frame_budgets: str = "none"
+    """"vidcom2": split every stage's k across a video's frames in proportion to VidCom2's
+    per-frame retention ratios (its Frame Compression Adjustment), then rank by SparseVLM
+    within each frame. "none": one global top-k (official)."""
+    frame_temperature: float = 0.01
+    """Softmax temperature of VidCom2's frame budgets (its official value)."""
 
     def __post_init__(self) -> None:
         check_keep_ratio(self.keep_ratio)
@@ -312,10 +320,26 @@ class SparseVLMConfig:
                 f"`keep_counts` must be None or a tuple of {len(fr)} ints >= 1 (one per "
                 f"pruning layer), got {self.keep_counts!r}"
             )
+        if self.frame_budgets not in FRAME_PLANNERS:
+            raise ConfigError(
+                f"`frame_budgets` must be one of {FRAME_PLANNERS}, got {self.frame_budgets!r}"
+            )
+        if isinstance(self.frame_temperature, bool) or not (
+            isinstance(self.frame_temperature, (int, float)) and self.frame_temperature > 0
+        ):
+            raise ConfigError(f"`frame_temperature` must be > 0, got {self.frame_temperature!r}")
         for name in ("recycle_ratio", "cluster_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
                 raise ConfigError(f"`{name}` must be a number in (0, 1], got {v!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class VidCom2SparseVLMConfig(SparseVLMConfig):
+    """"vidcom2+sparsevlm": SparseVLM whose per-frame budgets come from VidCom2."""
+
+    frame_budgets: str = "vidcom2"
+    """See `SparseVLMConfig.frame_budgets`; VidCom2's planner by default here."""
 
 
 class SparseVLMCompressor:
@@ -323,8 +347,10 @@ class SparseVLMCompressor:
 
     Given the raters' head-averaged attention over the visual tokens (`VisualBatch.text_attn`),
     keeps round(keep_ratio * F * N) tokens by significance (or exactly `frame_budgets[t]` per
-    frame when a budget planner set them) and recycles the pruned ones from `embeds`. The
-    multi-layer in-decoder schedule is `device.vlm.sparsevlm_hooks.SparseVLMPruner`.
+    frame when a budget planner set them, or VidCom2's per-frame budgets when
+    `cfg.frame_budgets == "vidcom2"`, registry key "vidcom2+sparsevlm") and recycles the
+    pruned ones from `embeds`. The multi-layer in-decoder schedule is
+    `device.vlm.sparsevlm_hooks.SparseVLMPruner`, which takes the same config.
     """
 
     stage: ClassVar[Stage] = Stage.IN_LLM
@@ -341,9 +367,13 @@ class SparseVLMCompressor:
             got = None if batch.text_attn is None else tuple(batch.text_attn.shape)
             raise ConfigError(f"`text_attn` must be (Q, {t * m}) for SparseVLM, got {got}")
         scores = batch.text_attn.mean(0)  # (F*N,)
-        if batch.frame_budgets is not None:
-            keep = frame_top(scores.view(t, m), batch.frame_budgets)
-            counts = batch.frame_budgets.to(torch.int64)
+        budgets = batch.frame_budgets
+        if budgets is None and self.cfg.frame_budgets == "vidcom2":
+            budgets = vidcom2_frame_budgets(batch.embeds.reshape(t * m, -1), m,
+                                            self.cfg.keep_ratio, self.cfg.frame_temperature)
+        if budgets is not None:
+            keep = frame_top(scores.view(t, m), budgets)
+            counts = budgets.to(torch.int64)
         else:
             keep = keep_top(scores, max(1, round(self.cfg.keep_ratio * t * m)))
             counts = torch.bincount(keep // m, minlength=t)
@@ -370,3 +400,81 @@ def frame_top(scores: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(f, n, dtype=torch.bool, device=scores.device)
     mask.scatter_(1, order, take)  # (F, N) True where kept
     return mask.view(-1).nonzero().squeeze(1)  # (K,)
+
+
+def allocate(total: int, weights: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Split `total` into integer shares proportional to `weights`, each at most its cap.
+
+    Water-filling: shares of capped groups are redistributed to the others; the last units go
+    to the largest fractional parts (ties: lower index).
+
+    Args:
+        total: units to hand out (clamped to sum(caps)).
+        weights: (F,) non-negative weights.
+        caps: (F,) int64 maximum share of each group.
+
+    Returns:
+        (F,) int64 shares summing to min(total, sum(caps)).
+    """
+    caps = caps.to(torch.int64)
+    w = weights.to(torch.float64).clamp(min=0)
+    alloc = torch.zeros_like(caps)
+    remaining = min(int(total), int(caps.sum()))
+    active = caps > 0
+    while remaining > 0:
+        wa = torch.where(active, w, torch.zeros_like(w))
+        if float(wa.sum()) == 0.0:
+            wa = active.to(torch.float64)
+        quota = remaining * wa / wa.sum()  # (F,)
+        full = active & (quota >= caps)
+        if bool(full.any()):  # capped groups take their cap; the rest re-split what is left
+            alloc[full] = caps[full]
+            remaining -= int(caps[full].sum())
+            active &= ~full
+            continue
+        base = quota.floor().to(torch.int64)
+        alloc += base
+        remaining -= int(base.sum())
+        frac = torch.where(active, quota - quota.floor(), torch.full_like(quota, -1.0))
+        alloc[torch.argsort(-frac, stable=True)[:remaining]] += 1
+        remaining = 0
+    return alloc
+
+
+def frame_keep(
+    scores: torch.Tensor, frame_ids: torch.Tensor, weights: torch.Tensor, k: int
+) -> torch.Tensor:
+    """SparseVLM top-k under per-frame budgets (the "vidcom2+sparsevlm" selection).
+
+    Tokens outside any frame (frame id -1: a video's newline, recycled tokens) get their
+    proportional share of k; the rest of k is split across frames by `weights` (VidCom2's
+    per-frame retention ratios), capped at each frame's current count; each group keeps its
+    highest-scoring tokens.
+
+    Args:
+        scores: (V,) SparseVLM significance of the current visual tokens.
+        frame_ids: (V,) int64 frame of each token, -1 for none.
+        weights: (F,) per-frame weights.
+        k: tokens to keep in total, in [0, V].
+
+    Returns:
+        (k,) int64 ascending indices into the V tokens.
+    """
+    v = int(scores.shape[0])
+    if not 0 <= k <= v:
+        raise ConfigError(f"`k` must be in [0, {v}], got {k}")
+    f = int(weights.shape[0])
+    unframed = frame_ids < 0  # (V,)
+    counts = torch.bincount(frame_ids[~unframed], minlength=f)  # (F,)
+    k_free = min(int(unframed.sum()), round(k * int(unframed.sum()) / max(v, 1)))
+    k_free = max(k_free, k - int(counts.sum()))
+    shares = allocate(k - k_free, weights, counts)  # (F,)
+    groups = torch.where(unframed, torch.full_like(frame_ids, f), frame_ids)  # (V,)
+    budget = torch.cat([shares, torch.tensor([k_free])]).to(scores.device)  # (F+1,)
+    order = torch.argsort(scores, descending=True, stable=True)  # (V,)
+    sorted_groups = groups[order]  # (V,)
+    onehot = torch.nn.functional.one_hot(sorted_groups, f + 1)  # (V, F+1)
+    rank_sorted = (onehot.cumsum(0) - 1).gather(1, sorted_groups[:, None])[:, 0]  # (V,)
+    rank = torch.empty_like(order)
+    rank[order] = rank_sorted  # rank of each token inside its group, by descending score
+    return torch.where(rank < budget[groups])[0]  # (k,)

@@ -15,6 +15,7 @@ Batch > 1: every sample must hold the same number of visual tokens, in one conti
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,14 @@ from transformers.masking_utils import create_causal_mask
 from device.compress.sparsevlm import (
     SparseVLMConfig,
     fit_targets,
+    frame_keep,
     keep_top,
     pruning_layers,
     recycle,
     select_raters,
     stage_keep,
 )
+from device.compress.vidcom2 import vidcom2_scores
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,10 @@ class _Run:
     """(B, R) rater indices relative to the visual block's end (padded with 0)."""
     rater_valid: torch.Tensor
     """(B, R) which rater slots are real."""
+    frame_ids: torch.Tensor | None = None
+    """(B, vc) frame of each current visual token (-1: none) when budgets are per frame."""
+    frame_weights: torch.Tensor | None = None
+    """(B, F) VidCom2 per-frame retention ratios (the per-frame budget planner)."""
     groups: list[_Group] = field(default_factory=list)
     override: dict[str, Any] | None = None
     """Layer kwargs replacing the model's for the current group (None in group 0)."""
@@ -168,6 +175,7 @@ class SparseVLMPruner:
             int(i) for i in (getattr(hf.config, "image_token_id", None),
                              getattr(hf.config, "video_token_id", None)) if i is not None
         ]
+        self._video_id = getattr(hf.config, "video_token_id", None)
         self._mrope = getattr(tcfg, "rope_parameters", None) is not None and (
             "mrope_section" in (tcfg.rope_parameters or {})
         )
@@ -219,7 +227,8 @@ class SparseVLMPruner:
     # -- hooks -------------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self._call = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+        self._call = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
+                      "video_grid_thw": kwargs.get("video_grid_thw")}
 
     def _pre_layer_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -315,12 +324,42 @@ class SparseVLMPruner:
             valid[s, : r.numel()] = True
         trace = PrefillTrace(v0.clone(), v, raters, self._depth)
         self.trace = trace
+        frame_ids = frame_weights = None
+        if self.cfg.frame_budgets == "vidcom2" and bool((ids.gather(1, v0[:, None]) ==
+                                                         self._video_id).all()):
+            frames, per_frame = self._frame_layout(v)
+            fid = torch.arange(v, device=ids.device) // per_frame  # (V,)
+            fid[frames * per_frame:] = -1  # LLaVA-OV's trailing newline belongs to no frame
+            frame_ids = fid.expand(b, v)
+            frame_weights = torch.stack([
+                vidcom2_scores(x[s, int(v0[s]) : int(v0[s]) + frames * per_frame].float(),
+                               per_frame, self.cfg.keep_ratio, self.cfg.frame_temperature).scales
+                for s in range(b)
+            ])  # (B, F)
         return _Run(
             trace=trace, targets=self.targets_for(v), cache=cache, length0=length, v0=v0, vc=v,
             mask2d=mask2d, src=torch.arange(length, device=ids.device).expand(b, length),
             origin=torch.arange(v, device=ids.device).expand(b, v), raters=rows,
-            rater_valid=valid,
+            rater_valid=valid, frame_ids=frame_ids, frame_weights=frame_weights,
         )
+
+    def _frame_layout(self, v: int) -> tuple[int, int]:
+        """(frames, tokens per frame) of a video block of `v` tokens."""
+        vcfg = self._hf.config.vision_config
+        if self._hf.config.model_type == "llava_onevision":
+            g = vcfg.image_size // vcfg.patch_size
+            per_frame = math.ceil(g / 2) ** 2  # bilinear 2x pooling per frame
+            return v // per_frame, per_frame
+        grid = self._call.get("video_grid_thw")
+        if grid is None or grid.shape[0] < 1:
+            raise ConfigError("per-frame SparseVLM on Qwen-VL video needs `video_grid_thw`")
+        t, h, w = (int(n) for n in grid[0])
+        per_frame = h * w // vcfg.spatial_merge_size**2
+        if t * per_frame != v:
+            raise ConfigError(
+                f"video grid {(t, h, w)} gives {t * per_frame} tokens, the block has {v}"
+            )
+        return t, per_frame
 
     def _prune(self, run: _Run, index: int, layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
                kwargs: dict) -> torch.Tensor:
@@ -335,7 +374,12 @@ class SparseVLMPruner:
         w = run.rater_valid.to(per_rater.dtype)[:, :, None]  # (B, R, 1)
         scores = (per_rater * w).sum(1) / w.sum(1)  # (B, Vc)
         k = stage_keep(run.targets[stage], vc)
-        keep = torch.stack([keep_top(scores[s], k) for s in range(b)])  # (B, k)
+        if run.frame_ids is None:
+            keep = torch.stack([keep_top(scores[s], k) for s in range(b)])  # (B, k)
+        else:
+            assert run.frame_weights is not None
+            keep = torch.stack([frame_keep(scores[s], run.frame_ids[s], run.frame_weights[s], k)
+                                for s in range(b)])  # (B, k)
         pruned_mask = torch.ones(b, vc, dtype=torch.bool, device=y.device)
         pruned_mask.scatter_(1, keep, False)
         merged = None
@@ -364,6 +408,9 @@ class SparseVLMPruner:
         run.src = run.src.gather(1, src)
         origin = run.origin.gather(1, keep)
         run.origin = torch.cat([origin, origin.new_full((b, c), -1)], 1)
+        if run.frame_ids is not None:
+            kept_frames = run.frame_ids.gather(1, keep)
+            run.frame_ids = torch.cat([kept_frames, kept_frames.new_full((b, c), -1)], 1)
         run.vc = k + c
         run.trace.stages.append(StageRecord(index, vc, keep, scores, merged))
         run.trace.origin = run.origin

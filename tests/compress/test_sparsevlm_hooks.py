@@ -15,7 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 
-from device.compress.sparsevlm import SparseVLMConfig, keep_top, recycle, select_raters
+from device.compress.sparsevlm import (
+    SparseVLMConfig,
+    VidCom2SparseVLMConfig,
+    allocate,
+    frame_keep,
+    keep_top,
+    recycle,
+    select_raters,
+)
 from device.vlm.sparsevlm_hooks import SparseVLMPruner, rater_attention
 from shared.errors import ConfigError
 
@@ -272,3 +280,61 @@ def test_config_and_input_errors(model) -> None:
     with SparseVLMPruner(SparseVLMConfig()).attach(model), pytest.raises(
             ConfigError, match="contiguous"):
         model(**inputs)
+
+
+def video_batch(frames: torch.Tensor, texts: list[int], seed: int = 3) -> dict[str, torch.Tensor]:
+    """Left-padded batch with one video each: [bos, <video>*(F*16+1), text...]."""
+    g = torch.Generator().manual_seed(seed)
+    n_vis = frames.shape[1] * 16 + 1
+    seqs = [[1] + [VIDEO_ID] * n_vis + torch.randint(3, 100, (t,), generator=g).tolist()
+            for t in texts]
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, length - len(s):] = torch.tensor(s)
+        mask[b, length - len(s):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=frames,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+
+
+def test_vidcom2_frame_budgets_drive_per_frame_selection(model) -> None:
+    g = torch.Generator().manual_seed(5)
+    still = torch.randn(3, 32, 32, generator=g)
+    # frames 0-3 identical, 4-5 distinct: VidCom2 rates the distinct frames as more unique
+    video = torch.stack([still] * 4 + [torch.randn(3, 32, 32, generator=g) for _ in range(2)])
+    inputs = video_batch(torch.stack([video, video.flip(0)]), [8, 5])
+    cfg = VidCom2SparseVLMConfig(keep_ratio=0.3)
+    with torch.no_grad(), SparseVLMPruner(cfg).attach(model) as pruner:
+        model(**inputs)
+        trace = pruner.trace
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                             suppress_tokens=[IMAGE_ID, VIDEO_ID])
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    first = trace.stages[0]
+    frame_of = torch.arange(97) // 16  # 6 frames x 16 tokens + 1 newline (frame 6 = none)
+    counts = torch.stack([torch.bincount(frame_of[first.keep[s]], minlength=7)
+                          for s in range(2)])  # (B, 7)
+    distinct = [(4, 5), (0, 1)]  # the video is reversed in sample 1
+    for s, (a, c) in enumerate(distinct):
+        repeated = [f for f in range(6) if f not in (a, c)]
+        assert min(counts[s, a], counts[s, c]) > max(counts[s, f] for f in repeated)
+    # the same budgets under plain SparseVLM would not be frame-aware: compare with the planner
+    with torch.no_grad(), SparseVLMPruner(SparseVLMConfig(keep_ratio=0.3)).attach(model) as p2:
+        model(**inputs)
+    assert not torch.equal(p2.trace.stages[0].keep, first.keep)
+
+
+def test_frame_keep_honours_allocation() -> None:
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2, 0.3, 0.05])
+    frames = torch.tensor([0, 0, 1, 1, 2, 2, -1])
+    keep = frame_keep(scores, frames, torch.tensor([1.0, 1.0, 2.0]), 4)
+    # the unframed token's proportional share is round(4 / 7) = 1; the other 3 split 1:1:2 as
+    # quotas 0.75, 0.75, 1.5 -> floors 0, 0, 1, then the largest remainders -> 1, 1, 1
+    assert keep.tolist() == [0, 2, 5, 6]
+    keep = frame_keep(scores, frames, torch.tensor([1.0, 1.0, 2.0]), 3)  # share 0 -> 1, 1, 1
+    assert keep.tolist() == [0, 2, 5]
+    assert allocate(10, torch.tensor([1.0, 1.0, 2.0]), torch.tensor([3, 10, 10])).tolist() == [
+        3, 2, 5]
+    assert allocate(9, torch.tensor([5.0, 1.0, 1.0]), torch.tensor([2, 5, 5])).tolist() == [
+        2, 4, 3]
