@@ -1,0 +1,1 @@
+"""The device's model runtime: compressed student loading, adapter swaps, compressed inference."""
