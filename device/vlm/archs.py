@@ -8,7 +8,7 @@ no forward function is copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,6 +74,11 @@ class ArchAdapter(Protocol):
         ...
 
 
+def _pooled(features: Any) -> BaseModelOutputWithPooling:
+    # HF's own get_*_features put a tuple/list of per-item tensors here, despite the annotation.
+    return BaseModelOutputWithPooling(pooler_output=features)
+
+
 def _require(inputs: Mapping[str, Any], key: str, why: str) -> Any:
     value = inputs.get(key)
     if value is None:
@@ -122,7 +127,7 @@ class LlavaOnevisionAdapter:
         flattens the first two dims of the video output)."""
         out: dict[str, Any] = {}
         if kept.get("image"):
-            out["image"] = BaseModelOutputWithPooling(pooler_output=list(kept["image"]))
+            out["image"] = _pooled(list(kept["image"]))
         if kept.get("video"):
             out["video"] = BaseModelOutputWithPooling(
                 pooler_output=torch.cat(kept["video"], 0)[None]  # (1, sum K_i, D)
@@ -178,8 +183,7 @@ class QwenVLAdapter:
 
     def encoder_outputs(self, kept: Mapping[str, list[torch.Tensor]]) -> dict[str, Any]:
         """Both modalities as lists of (K_i, D)."""
-        return {m: BaseModelOutputWithPooling(pooler_output=list(kept[m]))
-                for m in MODALITIES if kept.get(m)}
+        return {m: _pooled(list(kept[m])) for m in MODALITIES if kept.get(m)}
 
     def text_kwargs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """mm_token_type_ids: 0 text, 1 image, 2 video."""
@@ -205,7 +209,7 @@ class QwenVLAdapter:
         return positions  # (3, B, L)
 
 
-_ADAPTERS = {
+_ADAPTERS: dict[str, Callable[[Any], ArchAdapter]] = {
     "llava_onevision": LlavaOnevisionAdapter,
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": QwenVLAdapter,
@@ -215,7 +219,7 @@ _ADAPTERS = {
 def adapter_for(model: Any) -> ArchAdapter:
     """The adapter of an HF VLM (unwrapping a peft model); ConfigError for unsupported types."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(hf.config, "model_type", None)
+    model_type = str(getattr(hf.config, "model_type", None))
     try:
         cls = _ADAPTERS[model_type]
     except KeyError:

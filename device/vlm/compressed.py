@@ -97,6 +97,9 @@ class CompressedGeneration:
     """(B, T) generated ids only (prompt removed)."""
     inputs: CompressedInputs
     """The compressed prompt and the per-item kept indices/features."""
+    output: Any = None
+    """What `model.generate` returned (a GenerateOutput with caches/scores when
+    `return_dict_in_generate=True`, else the full id tensor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +236,14 @@ class CompressedVLM:
     def generate(self, inputs: Mapping[str, Any], **generate_kwargs: Any) -> CompressedGeneration:
         """Compressed `generate()`; any batch size (rows are re-padded on the left)."""
         ci = self.prepare(inputs)
-        seqs = self.model.generate(**ci.model_kwargs(), **_passthrough(inputs),
-                                   **generate_kwargs)
+        output = self.model.generate(**ci.model_kwargs(), **_passthrough(inputs),
+                                     **generate_kwargs)
+        seqs = output if isinstance(output, torch.Tensor) else output.sequences
         log.debug("compressed generate: visual tokens %s -> %s",
                   ci.visual_tokens_in.tolist() if ci.visual_tokens_in is not None else None,
                   ci.visual_tokens_kept.tolist() if ci.visual_tokens_kept is not None else None)
-        return CompressedGeneration(new_tokens=seqs[:, ci.input_ids.shape[1]:], inputs=ci)
+        return CompressedGeneration(new_tokens=seqs[:, ci.input_ids.shape[1]:], inputs=ci,
+                                    output=output)
 
 
 def _passthrough(inputs: Mapping[str, Any]) -> dict[str, Any]:
