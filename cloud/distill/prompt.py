@@ -1,0 +1,93 @@
+"""Token sequences for distillation: prompt ids around K visual placeholders, answer ids.
+
+Layout (the zoo processor's): <bos> [prefix] K x <visual> [suffix] question <ans> | answer <eos>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PromptFormatter:
+    """Tokenizes questions/answers and lays out visual placeholders (no model code)."""
+
+    tokenizer: Any
+    """A Hugging Face tokenizer: `tokenizer(text, add_special_tokens=False).input_ids`."""
+    visual_id: int
+    """Placeholder id the visual tokens replace (the model's image or video token)."""
+    eos_id: int
+    pad_id: int
+    bos_id: int | None = None
+    answer_id: int | None = None
+    """Separator after the question; generation starts after it."""
+    visual_prefix: tuple[int, ...] = ()
+    visual_suffix: tuple[int, ...] = ()
+
+    @classmethod
+    def from_processor(cls, processor: Any, media_kind: str = "video") -> PromptFormatter:
+        """Same layout as `shared.models.processor.VLMProcessor` (duck-typed, LLaVA-OV)."""
+        if media_kind not in ("video", "image"):
+            raise ConfigError(f"`media_kind` must be 'video' or 'image', got {media_kind!r}")
+        return cls(
+            tokenizer=processor.tokenizer,
+            visual_id=processor.video_id if media_kind == "video" else processor.image_id,
+            eos_id=processor.eos_id, pad_id=processor.pad_id, bos_id=processor.bos_id,
+            answer_id=processor.answer_id,
+        )
+
+    def prompt_ids(self, question: str, num_visual: int) -> list[int]:
+        """Prompt up to and including the answer separator."""
+        q = list(self.tokenizer(question, add_special_tokens=False).input_ids)
+        head = [] if self.bos_id is None else [self.bos_id]
+        tail = [] if self.answer_id is None else [self.answer_id]
+        visual = [*self.visual_prefix, *([self.visual_id] * num_visual), *self.visual_suffix]
+        return [*head, *visual, *q, *tail]
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Answer tokens followed by EOS."""
+        return [*self.tokenizer(text, add_special_tokens=False).input_ids, self.eos_id]
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBatch:
+    """Right-padded batch of prompt + answer sequences and where each part sits."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    visual_positions: list[torch.Tensor]  # per sample (K_i,) indices into L
+    answer_positions: list[torch.Tensor]  # per sample (A_i,) positions predicting answer tokens
+    answer_ids: list[torch.Tensor]  # per sample (A_i,)
+
+
+def pack(
+    formatter: PromptFormatter, questions: Sequence[str], num_visual: Sequence[int],
+    answers: Sequence[torch.Tensor],
+) -> PackedBatch:
+    """Build ids for `prompt + answer` per sample, right-padded with `pad_id`."""
+    seqs, vis, ans_pos = [], [], []
+    for q, k, a in zip(questions, num_visual, answers, strict=True):
+        prompt = formatter.prompt_ids(q, k)
+        ids = prompt + a.tolist()
+        where = torch.nonzero(torch.tensor(prompt) == formatter.visual_id).flatten()  # (K,)
+        if where.numel() != k:
+            raise ConfigError(
+                f"question {q[:40]!r} tokenizes to the visual placeholder id "
+                f"{formatter.visual_id}; expected exactly {k} placeholders in the prompt"
+            )
+        seqs.append(ids)
+        vis.append(where)
+        ans_pos.append(torch.arange(len(prompt) - 1, len(prompt) - 1 + a.numel()))
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), formatter.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return PackedBatch(input_ids, mask, vis, ans_pos, [a.long() for a in answers])
