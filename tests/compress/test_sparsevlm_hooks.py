@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.masking_utils import create_causal_mask
 
 from device.compress.sparsevlm import (
@@ -27,7 +32,7 @@ from device.compress.sparsevlm import (
 from device.vlm.sparsevlm_hooks import SparseVLMPruner, rater_attention
 from shared.errors import ConfigError
 
-VOCAB, IMAGE_ID, VIDEO_ID = 128, 127, 126
+VOCAB, IMAGE_ID, VIDEO_ID, VSTART, VEND = 128, 127, 126, 125, 124
 IMAGE_TOKENS = 136  # 32 px, patch 4, one anyres tile: 64 base + 64 tile + 8 row newlines
 
 
@@ -89,11 +94,28 @@ class Reference:
     recycled: list[torch.Tensor | None]  # per stage (B, c, D)
 
 
+def compact_positions(model, inputs, h, mask2d, src):  # noqa: ANN001, ANN201
+    """Official 1-D compaction: the current sequence is numbered afresh (pads excluded)."""
+    length = h.shape[1]
+    pos = (torch.arange(length)[None] - (~mask2d).sum(1, keepdim=True)).clamp(min=0)
+    return model.model.language_model.rotary_emb(h, pos), pos
+
+
+def kept_mrope_positions(model, inputs, h, mask2d, src):  # noqa: ANN001, ANN201
+    """M-RoPE: every token keeps its original 3-D position (merged: the block's last)."""
+    pos3, _ = model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    full = torch.zeros(h.shape[0], inputs["input_ids"].shape[1], h.shape[2])
+    cos, sin = model.model.language_model.rotary_emb(full, pos3)  # (B, L0, hd)
+    idx = src[..., None].expand(-1, -1, cos.shape[-1])
+    return (cos.gather(1, idx), sin.gather(1, idx)), None
+
+
 @torch.no_grad()
-def naive_reference(eager_model: LlavaOnevisionForConditionalGeneration,
-                    inputs: dict[str, torch.Tensor], layers: tuple[int, ...],
-                    targets: tuple[int, ...], forced: tuple[list, list] | None = None
-                    ) -> Reference:
+def naive_reference(eager_model, inputs: dict[str, torch.Tensor], layers: tuple[int, ...],
+                    targets: tuple[int, ...], forced: tuple[list, list] | None = None,
+                    positions=compact_positions) -> Reference:  # noqa: ANN001
     """SparseVLM by hand with the stock layers; `forced` = (keep, recycled) per stage replays a
     recorded plan instead of selecting (for sequences extended by generated tokens)."""
     dec = eager_model.model.language_model
@@ -101,8 +123,11 @@ def naive_reference(eager_model: LlavaOnevisionForConditionalGeneration,
     h = out.hidden_states[0]  # (B, L, D) LLM input embeddings
     mask2d = inputs["attention_mask"].bool()
     ids = inputs["input_ids"]
-    b, n_vis = ids.shape[0], IMAGE_TOKENS
-    v0 = [int((ids[s] == IMAGE_ID).nonzero()[0]) for s in range(b)]
+    b = ids.shape[0]
+    visual = (ids == IMAGE_ID) | (ids == VIDEO_ID)
+    n_vis = int(visual[0].sum())
+    v0 = [int(visual[s].nonzero()[0]) for s in range(b)]
+    src = torch.arange(ids.shape[1]).expand(b, -1)
     raters = []
     for s in range(b):
         ts = v0[s] + n_vis
@@ -111,9 +136,7 @@ def naive_reference(eager_model: LlavaOnevisionForConditionalGeneration,
     vc, ref = n_vis, Reference(None, [], [], [])  # type: ignore[arg-type]
     captured: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(dec.layers):
-        length = h.shape[1]
-        pos = (torch.arange(length)[None] - (~mask2d).sum(1, keepdim=True)).clamp(min=0)
-        cos_sin = dec.rotary_emb(h, pos)
+        cos_sin, pos = positions(eager_model, inputs, h, mask2d, src)
         mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=mask2d,
                                   past_key_values=None)
         handle = layer.self_attn.register_forward_hook(
@@ -125,7 +148,7 @@ def naive_reference(eager_model: LlavaOnevisionForConditionalGeneration,
             continue
         stage = layers.index(i)
         probs = captured["attn"].mean(1)  # (B, L, L): all query rows, eager softmax
-        new_h, new_mask = [], []
+        new_h, new_mask, new_src = [], [], []
         stage_scores, stage_keep, stage_rec = [], [], []
         for s in range(b):
             ts = v0[s] + vc
@@ -140,17 +163,16 @@ def naive_reference(eager_model: LlavaOnevisionForConditionalGeneration,
             else:
                 keep, rec = forced[0][stage][s], forced[1][stage]
                 rec = None if rec is None else rec[s]
-            parts = [y[s, :v0[s]], y[s, v0[s] + keep]]
-            if rec is not None:
-                parts.append(rec)
-            parts.append(y[s, ts:])
+            c = 0 if rec is None else rec.shape[0]
+            parts = [y[s, :v0[s]], y[s, v0[s] + keep]] + ([rec] if c else []) + [y[s, ts:]]
             new_h.append(torch.cat(parts))
-            n_new = new_h[-1].shape[0]
-            new_mask.append(torch.cat([mask2d[s, :v0[s]], torch.ones(n_new - v0[s],
-                                                                      dtype=torch.bool)]))
+            new_src.append(torch.cat([src[s, :v0[s]], src[s, v0[s] + keep],
+                                      src[s, ts - 1].repeat(c), src[s, ts:]]))
+            new_mask.append(torch.cat([mask2d[s, :v0[s]],
+                                       torch.ones(new_h[-1].shape[0] - v0[s], dtype=torch.bool)]))
             stage_keep.append(keep)
             stage_rec.append(rec)
-        h, mask2d = torch.stack(new_h), torch.stack(new_mask)
+        h, mask2d, src = torch.stack(new_h), torch.stack(new_mask), torch.stack(new_src)
         vc = stage_keep[0].shape[0] + (0 if stage_rec[0] is None else stage_rec[0].shape[0])
         if forced is None:
             ref.scores.append(torch.stack(stage_scores))
@@ -338,3 +360,65 @@ def test_frame_keep_honours_allocation() -> None:
         3, 2, 5]
     assert allocate(9, torch.tensor([5.0, 1.0, 1.0]), torch.tensor([2, 5, 5])).tolist() == [
         2, 4, 3]
+
+
+def tiny_qwen2vl(attn: str = "sdpa") -> Qwen2VLForConditionalGeneration:
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                              mrope_section=[2, 3, 3])),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+    )
+    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def qwen_image_batch(texts: list[int], seed: int = 4) -> dict[str, torch.Tensor]:
+    """Left-padded: [bos, <vision_start>, <image>*64, <vision_end>, text...] (16x16 patches)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [[1, VSTART] + [IMAGE_ID] * 64 + [VEND]
+            + torch.randint(3, 100, (t,), generator=g).tolist() for t in texts]
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, length - len(s):] = torch.tensor(s)
+        mask[b, length - len(s):] = 1
+    n = len(seqs)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE_ID).int(),
+                pixel_values=torch.randn(n * 256, 3 * 2 * 16, generator=g),
+                image_grid_thw=torch.tensor([[1, 16, 16]] * n))
+
+
+def test_qwen2vl_keep_all_stock_and_cached_decode_matches_reference() -> None:
+    model = tiny_qwen2vl()
+    eager_model = tiny_qwen2vl("eager")
+    eager_model.load_state_dict(model.state_dict())
+    inputs = qwen_image_batch([9, 5])
+    steps = 3
+    with torch.no_grad():
+        stock = model(**inputs).logits
+        with SparseVLMPruner(SparseVLMConfig(keep_counts=(64,) * 3)).attach(model):
+            assert torch.equal(model(**inputs).logits, stock)
+        with SparseVLMPruner(SparseVLMConfig()).attach(model) as pruner:
+            gen = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps,
+                                 do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True,
+                                 suppress_tokens=[IMAGE_ID, VIDEO_ID])
+    trace = pruner.trace
+    assert trace.stages[-1].visual_after < 64
+    ext = dict(inputs)
+    ext["input_ids"] = torch.cat([inputs["input_ids"], gen.sequences[:, -steps:-1]], 1)
+    ext["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                       torch.ones(2, steps - 1, dtype=torch.long)], 1)
+    ext["mm_token_type_ids"] = (ext["input_ids"] == IMAGE_ID).int()
+    forced = ([s.keep for s in trace.stages], [s.recycled for s in trace.stages])
+    ref = naive_reference(eager_model, ext, pruner.layers, (), forced=forced,
+                          positions=kept_mrope_positions)
+    for t in range(steps):
+        torch.testing.assert_close(gen.logits[t], ref.logits[:, -steps + t], rtol=0, atol=2e-5)
