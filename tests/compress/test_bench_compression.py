@@ -1,0 +1,45 @@
+"""Smoke test of bench/compression.py on a tiny scale run: JSON, PNG and the goal arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import compression
+
+
+@pytest.mark.slow
+def test_scale_part_writes_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = compression.main([
+        "--parts", "scale", "--methods", "vidcom2_exact", "--scale-frames", "2",
+        "--scale-hidden", "64", "--scale-layers", "1", "--scale-repeats", "1",
+        "--max-new-tokens", "1", "--device", "cpu", "--out", str(tmp_path),
+    ])
+    assert rc == 0
+    report = json.loads((tmp_path / "compression.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert (tmp_path / "compression.png").stat().st_size > 1000
+    runs = {(r["method"], r["keep_ratio"]): r for r in report["scale"]["runs"]}
+    assert set(runs) == {("none", 1.0)} | {("vidcom2_exact", r) for r in compression.RATIOS}
+    assert runs[("none", 1.0)]["visual_tokens_to_llm_per_sample"] == 2 * 196 + 1
+    # exact count: round(0.25 * 392) frame tokens + the always-kept newline
+    assert runs[("vidcom2_exact", 0.25)]["visual_tokens_to_llm_per_sample"] == 98 + 1
+    assert runs[("vidcom2_exact", 0.15)]["kv_cache_bytes_per_sample"] < runs[("none", 1.0)][
+        "kv_cache_bytes_per_sample"]
+    g = report["goals"]["scale_prefill_speedup_25"]
+    assert g["ideal_token_ratio"] == pytest.approx((393 + 33) / (99 + 33))
+    assert g["met"] == (g["fraction_of_ideal"] >= 0.9)
+
+
+def test_accuracy_goals_arithmetic() -> None:
+    runs = [{"method": "none", "keep_ratio": 1.0, "accuracy": 0.8},
+            {"method": "vidcom2", "keep_ratio": 0.25, "accuracy": 0.795},
+            {"method": "random", "keep_ratio": 0.25, "accuracy": 0.7},
+            {"method": "uniform", "keep_ratio": 0.25, "accuracy": 0.8}]
+    g = compression.goals({"accuracy": {"tasks": {"video": {"runs": runs}}}})
+    assert g["video_vidcom2_25_keeps_99pct_accuracy"]["met"] is True
+    beats = g["video_vidcom2_25_beats_baselines"]
+    assert beats["met"] is False
+    assert beats["margin"]["random"] == pytest.approx(0.095)
