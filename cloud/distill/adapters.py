@@ -24,6 +24,8 @@ class LoRASpec:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
+    targets: str = LLM_TARGETS
+    """peft `target_modules` regex inside the LLM; must equal the device loader's."""
     include_projector: bool = False
     """Also adapt the projector; only trains when samples are in feature_space "vision"."""
 
@@ -38,7 +40,7 @@ class LoRASpec:
 
 def student_lora_config(spec: LoRASpec) -> LoraConfig:
     """The peft LoraConfig both sides use."""
-    targets = LLM_TARGETS + (f"|{PROJECTOR_TARGETS}" if spec.include_projector else "")
+    targets = spec.targets + (f"|{PROJECTOR_TARGETS}" if spec.include_projector else "")
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                       target_modules=targets, bias="none")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -184,7 +184,8 @@ class AdapterDistiller:
         self, student: nn.Module, teacher: nn.Module | None, samples: Sequence[DistillSample],
         *, formatter: PromptFormatter, replay: Sequence[DistillSample] = (),
         labels: Sequence[TeacherLabel] | None = None,
-        replay_labels: Sequence[TeacherLabel] | None = None,
+        replay_labels: Sequence[TeacherLabel] | None = None, start_step: int = 0,
+        on_step: Callable[[int, Mapping[str, float]], None] | None = None,
     ) -> DistillResult:
         """Train the student's LoRA weights on `samples` (+ replay) and return them.
 
@@ -195,6 +196,10 @@ class AdapterDistiller:
             formatter: prompt layout and tokenizer shared by teacher and student.
             replay: source-domain samples mixed into each batch at `replay_ratio`.
             labels, replay_labels: cached `label(...)` outputs, one per sample.
+            start_step: resume at this step (the caller restored the adapter); batches are the
+                same as in an uninterrupted run, the optimizer moments start afresh.
+            on_step: called after each step with (step, losses), e.g. to checkpoint; an
+                exception it raises stops the round.
         """
         cfg = self.config
         if not samples:
@@ -219,9 +224,11 @@ class AdapterDistiller:
         student.train()
         start = time.monotonic()
         try:
-            for _ in tqdm(range(cfg.steps), disable=not cfg.progress, desc="akd"):
+            for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc="akd"):
                 pick = torch.randint(len(samples), (cfg.batch_size - n_replay,), generator=gen)
                 pick_r = torch.randint(max(len(replay), 1), (n_replay,), generator=gen)
+                if step < start_step:
+                    continue  # replay the draw so a resumed run sees the same batches
                 batch = [samples[i] for i in pick] + [replay[i] for i in pick_r]
                 batch_labels = [labels[i] for i in pick] + [replay_labels[i] for i in pick_r]
                 loss, parts = self._loss(student, projection, formatter, batch, batch_labels)
@@ -230,11 +237,15 @@ class AdapterDistiller:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 history.append(parts)
+                if on_step is not None:
+                    on_step(step, parts)
         finally:
             student.train(was_training)
         wall_s = time.monotonic() - start
         state = get_peft_model_state_dict(student)
         adapter = {k: v.detach().cpu().clone() for k, v in state.items()}
+        if not history:
+            raise ConfigError(f"`start_step` {start_step} leaves no steps of {cfg.steps}")
         metrics = _summary(history, wall_s, len(samples), len(replay))
         log.info("akd round done: %d steps in %.1f s, loss %.4f -> %.4f", cfg.steps, wall_s,
                  metrics["loss_first"], metrics["loss_last"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -86,7 +86,8 @@ class Distiller(Protocol):
         self, student: nn.Module, teacher: nn.Module | None, samples: Sequence[DistillSample],
         *, formatter: PromptFormatter, replay: Sequence[DistillSample] = (),
         labels: Sequence[TeacherLabel] | None = None,
-        replay_labels: Sequence[TeacherLabel] | None = None,
+        replay_labels: Sequence[TeacherLabel] | None = None, start_step: int = 0,
+        on_step: Callable[[int, Mapping[str, float]], None] | None = None,
     ) -> DistillResult:
         """Train the student's adapters; return their weights and the loss curve."""
         ...

@@ -195,3 +195,32 @@ def test_misuse_is_a_config_error(pair) -> None:
         AdapterDistiller(AKDConfig(steps=1)).fit(_student(), teacher, wrong, formatter=fmt)
     with pytest.raises(ConfigError, match="visual_tokens"):
         DistillSample(question="x", visual_tokens=torch.randn(3))
+
+
+def test_resume_sees_the_same_batches_and_on_step_can_stop(pair) -> None:
+    _, fmt, samples, labels = pair
+    cfg = AKDConfig(steps=6, batch_size=2, lr=5e-3)
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, parts) -> None:
+        seen.append(step)
+        if step == 2:
+            raise Stop
+
+    student = _student()
+    with pytest.raises(Stop):
+        AdapterDistiller(cfg).fit(student, None, samples, formatter=fmt, labels=labels,
+                                  on_step=stop_at_3)
+    assert seen == [0, 1, 2]
+    # with a negligible lr the losses depend only on the batch drawn: resumed == uninterrupted
+    still = AKDConfig(steps=6, batch_size=2, lr=1e-12, projection_lr=1e-12)
+    full = AdapterDistiller(still).fit(_student(), None, samples, formatter=fmt, labels=labels)
+    resumed = AdapterDistiller(still).fit(_student(), None, samples, formatter=fmt,
+                                          labels=labels, start_step=3)
+    assert len(resumed.history) == 3
+    assert len({round(h["ce"], 4) for h in full.history}) > 1  # batches differ step to step
+    for a, b in zip(full.history[3:], resumed.history, strict=True):
+        assert abs(a["ce"] - b["ce"]) < 1e-4
