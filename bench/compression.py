@@ -32,6 +32,7 @@ import torch
 
 from device.compress import COMPRESSORS
 from device.vlm.compressed import CompressedVLM
+from shared.errors import ConfigError
 
 log = logging.getLogger("bench.compression")
 
@@ -66,7 +67,7 @@ def _kv_bytes(cache: Any) -> int:
 
 def build_compressor(method: str, ratio: float) -> Any:
     """Registry lookup with the benchmark's method names ("vidcom2_exact" = exact count)."""
-    if method == "none":
+    if method == "none" or method in IN_LLM_METHODS:  # in-LLM: run_in_llm builds its pruner
         return COMPRESSORS.build("none")
     if method == "vidcom2_exact":
         return COMPRESSORS.build("vidcom2", {"keep_ratio": ratio, "exact_count": True})
@@ -110,6 +111,45 @@ def run_pre_llm(model: Any, compressor: Any, inputs: dict[str, Any], max_new_tok
                        int(ci.visual_tokens_kept.sum()), int(ci.attention_mask.sum()),
                        _kv_bytes(gen.output.past_key_values), peak)
     return gen.new_tokens, stats
+
+
+def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
+               max_new_tokens: int, pad_id: int, device: torch.device
+               ) -> tuple[torch.Tensor, BatchStats]:
+    """Answer one batch with SparseVLM pruning inside the decoder (all tokens enter the LLM;
+    `visual_kept` is then the official "equivalent" count: mean visual tokens over layers)."""
+    from device.vlm.sparsevlm_hooks import SparseVLMPruner
+
+    cfg = COMPRESSORS.config(method, {"keep_ratio": ratio})
+    cv = CompressedVLM(model, COMPRESSORS.build("none"))  # stock inputs, pre-encoded features
+    grids = {k: inputs[k] for k in ("video_grid_thw", "image_grid_thw") if k in inputs}
+    with torch.no_grad(), SparseVLMPruner(cfg).attach(model) as pruner:
+        items, t_enc = _timed(device, lambda: cv.encode(inputs))
+        ci = cv.build(inputs, items, cv.select(items))
+        _, t_pre = _timed(device, lambda: model(**ci.model_kwargs(), **grids, use_cache=True,
+                                                logits_to_keep=1))
+        equivalent = pruner.trace.equivalent_tokens if pruner.trace else math.nan
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out, t_gen = _timed(device, lambda: model.generate(
+            **ci.model_kwargs(), **grids, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad_id, return_dict_in_generate=True))
+    t_gen += t_enc  # generate() above reused the encoded features
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    b = ci.input_ids.shape[0]
+    stats = BatchStats(t_enc, 0.0, t_pre, t_gen, int(ci.visual_tokens_in.sum()),
+                       round(equivalent * b), int(ci.attention_mask.sum()),
+                       _kv_bytes(out.past_key_values), peak)
+    return out.sequences[:, ci.input_ids.shape[1]:], stats
+
+
+def run_method(model: Any, method: str, ratio: float, comp: Any, inputs: dict[str, Any],
+               max_new_tokens: int, pad_id: int, device: torch.device
+               ) -> tuple[torch.Tensor, BatchStats]:
+    """Dispatch on the method's stage."""
+    if method in IN_LLM_METHODS:
+        return run_in_llm(model, method, ratio, inputs, max_new_tokens, pad_id, device)
+    return run_pre_llm(model, comp, inputs, max_new_tokens, pad_id, device)
 
 
 def _summary(stats: list[BatchStats], n_samples: int) -> dict[str, Any]:
@@ -173,18 +213,12 @@ def accuracy_part(args: argparse.Namespace, device: torch.device) -> dict[str, A
                     for k, v in proc(b).items()} for b in batches]
         task: dict[str, Any] = {"n": len(samples), "domains": list(args.domains), "runs": []}
         for method, ratio in _grid(args.methods):
-            comp = build_compressor(method, ratio)
-            run_pre_llm(model, comp, encoded[0], args.max_new_tokens, proc.pad_id, device)
-            comp = build_compressor(method, ratio)  # fresh seed state after the warm-up
-            hits, stats = [], []
-            for b, inputs in zip(batches, encoded, strict=True):
-                new, st = run_pre_llm(model, comp, inputs, args.max_new_tokens, proc.pad_id,
-                                      device)
-                stats.append(st)
-                for s, pred in zip(b, proc.decode_answers(new.cpu()), strict=True):
-                    hits.append(pred.strip().lower() == s.answer.strip().lower())
-            row = {"method": method, "keep_ratio": ratio, "accuracy": sum(hits) / len(hits),
-                   **_summary(stats, len(samples))}
+            try:
+                row = _accuracy_run(args, model, proc, method, ratio, batches, encoded, device)
+            except ConfigError as e:  # a method that cannot run this model/task: say so
+                log.error("%s %s r=%.2f failed: %s", media, method, ratio, e)
+                task["runs"].append({"method": method, "keep_ratio": ratio, "error": str(e)})
+                continue
             log.info("%s %s r=%.2f acc=%.3f prefill=%.2fms", media, method, ratio,
                      row["accuracy"], row["prefill_ms_per_sample"])
             task["runs"].append(row)
@@ -192,12 +226,27 @@ def accuracy_part(args: argparse.Namespace, device: torch.device) -> dict[str, A
     return results
 
 
+def _accuracy_run(args: argparse.Namespace, model: Any, proc: Any, method: str, ratio: float,
+                  batches: list[list[Any]], encoded: list[dict[str, Any]], device: torch.device
+                  ) -> dict[str, Any]:
+    comp = build_compressor(method, ratio)
+    run_method(model, method, ratio, comp, encoded[0], args.max_new_tokens, proc.pad_id, device)
+    comp = build_compressor(method, ratio)  # fresh seed state after the warm-up
+    hits, stats = [], []
+    for b, inputs in zip(batches, encoded, strict=True):
+        new, st = run_method(model, method, ratio, comp, inputs, args.max_new_tokens,
+                             proc.pad_id, device)
+        stats.append(st)
+        for s, pred in zip(b, proc.decode_answers(new.cpu()), strict=True):
+            hits.append(pred.strip().lower() == s.answer.strip().lower())
+    n = sum(len(b) for b in batches)
+    return {"method": method, "keep_ratio": ratio, "accuracy": sum(hits) / n,
+            **_summary(stats, n)}
+
+
 def _grid(methods: Sequence[str]) -> list[tuple[str, float]]:
     grid = [("none", 1.0)]
     for m in methods:
-        if m in IN_LLM_METHODS:
-            log.warning("%s is an in-LLM method: not measured by this benchmark yet", m)
-            continue
         grid += [(m, r) for r in RATIOS]
     return grid
 
@@ -239,7 +288,8 @@ def scale_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     # shared machine then slow every configuration alike; per-config minima are reported.
     for rep in range(args.scale_repeats + 1):
         for i, comp in enumerate(comps):
-            st = run_pre_llm(model, comp, inputs, args.max_new_tokens, 0, device)[1]
+            st = run_method(model, grid[i][0], grid[i][1], comp, inputs, args.max_new_tokens,
+                            0, device)[1]
             if rep:
                 stats[i].append(st)
         gc.collect()
@@ -262,7 +312,8 @@ def scale_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 
 def _find(runs: list[dict[str, Any]], method: str, ratio: float) -> dict[str, Any] | None:
-    return next((r for r in runs if r["method"] == method and r["keep_ratio"] == ratio), None)
+    return next((r for r in runs if r["method"] == method and r["keep_ratio"] == ratio
+                 and "error" not in r), None)
 
 
 def goals(report: dict[str, Any]) -> dict[str, Any]:
@@ -321,9 +372,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
                        "prefill_ms_min"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, runs, key) in zip(axes[0], panels, strict=True):
-        methods = sorted({r["method"] for r in runs if r["method"] != "none"})
+        ok = [r for r in runs if "error" not in r]
+        methods = sorted({r["method"] for r in ok if r["method"] != "none"})
         for m in methods:
-            pts = sorted((r["keep_ratio"], r[key]) for r in runs if r["method"] == m)
+            pts = sorted((r["keep_ratio"], r[key]) for r in ok if r["method"] == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         full = _find(runs, "none", 1.0)
         if full:
