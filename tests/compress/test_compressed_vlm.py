@@ -187,3 +187,19 @@ def test_in_llm_compressor_and_bad_inputs_are_rejected() -> None:
     inputs["attention_mask"] = inputs["attention_mask"][:, :-12]
     with pytest.raises(ConfigError, match="placeholders"):
         CompressedVLM(model, COMPRESSORS.build("none")).prepare(inputs)
+
+
+def test_peft_wrapped_model_and_beam_search() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny.tiny_qwen2vl(), LoraConfig(
+        r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    inputs = _qwen_video_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        out, _ = CompressedVLM(model, COMPRESSORS.build("none")).forward(inputs)
+    assert (out.logits - ref).abs().max().item() == 0.0
+    stock = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+    ours = CompressedVLM(model, COMPRESSORS.build("none")).generate(
+        inputs, max_new_tokens=3, do_sample=False, num_beams=2)
+    assert torch.equal(ours.new_tokens, stock[:, inputs["input_ids"].shape[1]:])
