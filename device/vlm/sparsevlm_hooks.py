@@ -284,6 +284,8 @@ class SparseVLMPruner:
     def _begin(self, x: torch.Tensor, cache: Cache | None) -> _Run | None:
         ids = self._call.get("input_ids")
         if ids is None or ids.shape != x.shape[:2]:
+            # visual tokens are found by their placeholder ids; embeddings alone do not say
+            log.warning("SparseVLM: this forward has no matching `input_ids`; not pruning")
             return None
         b, length = ids.shape
         visual = torch.zeros_like(ids, dtype=torch.bool)

@@ -7,6 +7,7 @@ pruned sequence. The pruner runs the same model with SDPA and hooks only.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -422,3 +423,49 @@ def test_qwen2vl_keep_all_stock_and_cached_decode_matches_reference() -> None:
                           positions=kept_mrope_positions)
     for t in range(steps):
         torch.testing.assert_close(gen.logits[t], ref.logits[:, -steps + t], rtol=0, atol=2e-5)
+
+
+class _PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created by ops (parameters and inputs excluded)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        super().__init__()
+        self.exclude = exclude
+        self.live: dict[int, tuple[int, list[weakref.ref]]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.exclude:
+                    refs = self.live.setdefault(key, (st.nbytes(), []))[1]
+                    refs.append(weakref.ref(t))
+        self.live = {k: v for k, v in self.live.items() if any(r() is not None for r in v[1])}
+        self.peak = max(self.peak, sum(n for n, _ in self.live.values()))
+        return out
+
+
+def test_peak_memory_not_above_stock_sdpa(model) -> None:
+    """Realistic proportions: raters x heads (about 10 x 4) stay below the MLP width (128)."""
+    inputs = image_batch([3], [20])
+    inputs.pop("attention_mask")
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    exclude |= {v.untyped_storage().data_ptr() for v in inputs.values()}
+
+    def peak(pruned: bool) -> int:
+        with torch.no_grad():
+            if pruned:
+                with SparseVLMPruner(SparseVLMConfig()).attach(model), _PeakLiveBytes(
+                        exclude) as meter:
+                    model(**inputs, logits_to_keep=1)
+            else:
+                with _PeakLiveBytes(exclude) as meter:
+                    model(**inputs, logits_to_keep=1)
+        return meter.peak
+
+    stock, sparse = peak(False), peak(True)
+    assert stock > 0 and sparse <= stock, (stock, sparse)
