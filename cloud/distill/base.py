@@ -6,11 +6,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from cloud.distill.prompt import PromptFormatter
 from shared.errors import ConfigError
+from shared.types import UploadSample
 
 FEATURE_SPACES = ("projected", "vision")
 """Where uploaded visual tokens live: after the shared projector (fed to the LLM as they are) or
@@ -35,6 +37,24 @@ class DistillSample:
     feature_space: str = "projected"
     """One of FEATURE_SPACES."""
     sample_id: str = ""
+
+    @classmethod
+    def from_upload(
+        cls, sample: UploadSample, reference_answer: str | None = None,
+    ) -> DistillSample:
+        """The distiller's view of a stored upload (int8 tokens are dequantized)."""
+        tokens = sample.tokens
+        if tokens is None:
+            raise ConfigError(f"sample {sample.sample_id!r} has no visual tokens to distil from")
+        return cls(
+            question=sample.question,
+            visual_tokens=torch.from_numpy(np.ascontiguousarray(tokens.dequantized())),
+            positions=torch.from_numpy(np.asarray(tokens.positions, dtype=np.int64)),
+            grid=tuple(int(g) for g in tokens.grid),
+            reference_answer=reference_answer,
+            feature_space=tokens.feature_space,
+            sample_id=sample.sample_id,
+        )
 
     def __post_init__(self) -> None:
         if self.visual_tokens.dim() != 2 or not self.visual_tokens.is_floating_point():

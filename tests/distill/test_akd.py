@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -19,6 +20,7 @@ from cloud.distill.akd import _forward
 from cloud.distill.prompt import pack
 from shared.codec import CODECS
 from shared.errors import ConfigError
+from shared.types import UploadSample, VisualTokens
 from tests.distill import tiny_pair as tp
 
 
@@ -224,3 +226,22 @@ def test_resume_sees_the_same_batches_and_on_step_can_stop(pair) -> None:
     assert len({round(h["ce"], 4) for h in full.history}) > 1  # batches differ step to step
     for a, b in zip(full.history[3:], resumed.history, strict=True):
         assert abs(a["ce"] - b["ce"]) < 1e-4
+
+
+def test_from_upload_dequantizes_int8_tokens() -> None:
+    values = np.array([[10, -20], [127, 0], [1, 1]], dtype=np.int8)
+    scales = np.array([0.1, 0.01, 1.0], dtype=np.float32)
+    up = UploadSample(sample_id="u1", media_kind="video", question="how many shapes",
+                      device_answer="two", confidence=0.3,
+                      tokens=VisualTokens(values, np.array([0, 4, 9]), (1, 2, 5), "projected",
+                                          scales))
+    s = DistillSample.from_upload(up, reference_answer="three")
+    torch.testing.assert_close(s.visual_tokens,
+                               torch.tensor([[1.0, -2.0], [1.27, 0.0], [1.0, 1.0]]))
+    assert s.positions.tolist() == [0, 4, 9] and s.grid == (1, 2, 5)
+    assert s.sample_id == "u1" and s.reference_answer == "three"
+    with pytest.raises(ConfigError, match="feature_space"):
+        DistillSample.from_upload(UploadSample("u2", "video", "q", "", 0.1, tokens=VisualTokens(
+            values.astype(np.float16), np.arange(3), (1, 1, 3), "tiny/features")))
+    with pytest.raises(ConfigError, match="no visual tokens"):
+        DistillSample.from_upload(UploadSample("u3", "video", "q", "", 0.1))
