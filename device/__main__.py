@@ -6,13 +6,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from device.settings import DeviceSettings
 from device.sync.client import GrpcTransport, open_channel
 from device.sync.credentials import Credentials
-from shared.errors import ConfigError, TransportError
+from shared.errors import ConfigError, StoreFullError, TransportError
 from shared.logging import setup_logging
 from shared.settings import load_settings
 from shared.types import Enrollment
@@ -43,11 +45,35 @@ def _status(settings: DeviceSettings) -> int:
     creds = Credentials.load(settings.data_dir)
     with GrpcTransport(open_channel(settings), settings.rpc_timeout_s, creds) as transport:
         status = transport.status()
-    sys.stdout.write(json.dumps(dataclasses.asdict(status)) + "\n")
+    out = dataclasses.asdict(status)
+    local = settings.data_dir / "status.json"
+    if local.exists():  # the agent's own counters from its last `run`
+        out["device"] = json.loads(local.read_text())
+    sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
 
-COMMANDS = {"register": _register, "status": _status}
+def _run(settings: DeviceSettings) -> int:
+    from device.build import build_agent  # heavy imports (torch, transformers) only for `run`
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with build_agent(settings, stop) as agent:
+        counters = agent.run(stop)
+    sys.stdout.write(json.dumps(dataclasses.asdict(counters)) + "\n")
+    return 0
+
+
+def _export_onnx(settings: DeviceSettings) -> int:
+    from device.runtime.onnx_vision import export_from_settings
+
+    report = export_from_settings(settings)
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
+COMMANDS = {"register": _register, "status": _status, "run": _run, "export-onnx": _export_onnx}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"device-agent: configuration error: {e}\n")
         return 2
+    except StoreFullError as e:
+        sys.stderr.write(f"device-agent: storage full: {e}\n")
+        return 1
     except TransportError as e:
         sys.stderr.write(f"device-agent: cloud call failed: {e}\n")
         return 1

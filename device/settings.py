@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +20,74 @@ class ClientTlsSettings(BaseModel):
     key_file: Path | None = None
     server_name: str | None = None
     """Override of the name checked against the server certificate."""
+
+
+class ModelSettings(BaseModel):
+    """The student: checkpoint, base compression, adapter, generation."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint_dir: Path
+    """HF save_pretrained directory of the student plus its VLMProcessor files."""
+    quantization: Literal["fp32", "int8_dynamic", "bnb8", "bnb4"] = "fp32"
+    adapter_dir: Path | None = None
+    """Shipped peft adapter; default `<checkpoint_dir>/adapter`, else a fresh zero-delta LoRA."""
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_targets: str = (r".*language_model.*\."
+                         r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    onnx_vision: Path | None = None
+    """ONNX file from `device-agent export-onnx`; when set, the vision tower runs in onnxruntime."""
+    max_new_tokens: int = Field(default=4, ge=1, le=64)
+    batch_size: int = Field(default=4, ge=1, le=64)
+    feature_space: str = "projected"
+    """`VisualTokens.feature_space` of token uploads (must be one the cloud accepts)."""
+
+
+class InputSettings(BaseModel):
+    """Where questions come from."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["procedural", "folder"] = "procedural"
+    domains: list[str] = ["source"]
+    """Procedural: camera domains, interleaved round-robin (a mixed stream when several)."""
+    seed: int = 0
+    media_kind: Literal["video", "image"] = "video"
+    limit: int | None = Field(default=None, ge=1)
+    """Stop after this many samples (procedural streams are infinite otherwise)."""
+    folder: Path | None = None
+    """Folder input: `questions.jsonl` lines {"id", "media", "question"} beside the media files
+    (.npy uint8 (F, H, W, 3), images, or videos decoded with PyAV)."""
+
+
+class UplinkSettings(BaseModel):
+    """UTS payload, outbox and retry policy."""
+
+    model_config = ConfigDict(extra="forbid")
+    payload: Literal["tokens", "frames"] = "tokens"
+    """"tokens": selected encoder tokens; "frames": raw uint8 frames (cloud encoder differs)."""
+    calibration_samples: int = Field(default=32, ge=2)
+    """Source-domain samples whose confidence quantile becomes the threshold when none is set."""
+    calibration_seed: int = 7
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    full_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    batch_samples: int = Field(default=16, ge=1, le=256)
+    retry_base_s: float = Field(default=0.5, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    """At the end of a finite input, wait this long for the outbox to empty."""
+
+
+class UpdateSettings(BaseModel):
+    """Downlink polling and the probe that guards it."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    rollback_margin: float = Field(default=0.05, ge=0, le=1)
+    probe_samples: int = Field(default=16, ge=1)
+    probe_domain: str = "source"
+    probe_seed: int = 12345
+    max_update_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
 
 
 class DeviceSettings(CdcaSettings):
@@ -42,3 +111,16 @@ class DeviceSettings(CdcaSettings):
     """Deadline of every RPC."""
     log_level: str = "INFO"
     log_json: bool = False
+    model: ModelSettings | None = None
+    """Required by `run`, `export-onnx`."""
+    compressor: str = "vidcom2"
+    compressor_options: dict[str, Any] = {}
+    sampler: str = "uts"
+    sampler_options: dict[str, Any] = {}
+    input: InputSettings = InputSettings()
+    uplink: UplinkSettings = UplinkSettings()
+    updates: UpdateSettings = UpdateSettings()
+    answers_path: Path | None = None
+    """JSONL of answers; default `<data_dir>/answers.jsonl`."""
+    progress: bool = True
+    """Show a progress bar on stderr."""

@@ -44,7 +44,7 @@ class DeviceInference:
     """Runs the student with a pre-LLM token compressor, batch by batch."""
 
     def __init__(self, student: Student, compressor: TokenCompressor, max_new_tokens: int = 4,
-                 encoder: Encoder | None = None) -> None:
+                 encoder: Encoder | None = None, feature_space: str = "projected") -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
         self.student = student
@@ -55,11 +55,13 @@ class DeviceInference:
         self._eos = student.processor.eos_id
         self._pad = student.processor.pad_id
         self._vocab = len(tok)
-
-    @property
-    def feature_space(self) -> str:
-        """Name of the uploaded features (the teacher must accept exactly this space)."""
-        return f"{self.cvlm.adapter.model.config.model_type}/vision_pooled"
+        proc = student.processor
+        # the answer must never contain a visual placeholder: the scoring pass would count it
+        self._suppress = sorted({proc.image_id, proc.video_id, proc.vision_start_id,
+                                 proc.vision_end_id, proc.answer_id, proc.bos_id})
+        self.feature_space = feature_space
+        """`VisualTokens.feature_space` of uploads: "projected" = post-projector (post-pooling)
+        tokens, valid teacher input because teacher and student share tower and projector."""
 
     @torch.no_grad()
     def run(self, frames: Sequence[torch.Tensor], questions: Sequence[str],
@@ -70,7 +72,8 @@ class DeviceInference:
         keeps = self.cvlm.select(items)
         ci = self.cvlm.build(inputs, items, keeps)
         seqs = self.student.model.generate(**ci.model_kwargs(), max_new_tokens=self.max_new_tokens,
-                                           do_sample=False, pad_token_id=self._pad)
+                                           do_sample=False, pad_token_id=self._pad,
+                                           suppress_tokens=self._suppress)
         prompt_len = ci.input_ids.shape[1]
         new = seqs[:, prompt_len:]  # (B, T)
         valid = self._answer_mask(new)  # (B, T)

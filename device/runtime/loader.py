@@ -45,8 +45,9 @@ class StudentConfig:
     (B = 0, so the model equals its base) built from the fields below."""
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_targets: str = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-    """Regex of LLM modules carrying LoRA; must match the cloud's student."""
+    lora_targets: str = (r".*language_model.*\."
+                         r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    """Regex of LLM modules carrying LoRA; must equal the cloud's (cloud/distill/adapters.py)."""
     attention_scores: bool = True
     """Run the LLM with eager attention so answer->visual attention can rank tokens (UTS)."""
 

@@ -117,6 +117,11 @@ class UncertaintySampler:
         cfg = UncertaintySamplerConfig(**{**_asdict(self.config), "threshold": float(q)})
         return UncertaintySampler(cfg, self.dim)
 
+    def calibrated_to(self, threshold: float) -> UncertaintySampler:
+        """A sampler with a previously calibrated `threshold`."""
+        cfg = UncertaintySamplerConfig(**{**_asdict(self.config), "threshold": threshold})
+        return UncertaintySampler(cfg, self.dim)
+
     def confidence(self, record: InferenceRecord) -> float:
         """Length-normalised confidence of the record's answer."""
         return sequence_confidence(record.token_logprobs, record.token_entropy,

@@ -31,6 +31,10 @@ class CloudState:
     updates: dict[int, tuple[UpdateHeader, bytes]] = field(default_factory=dict)
     acks: list[UpdateAck] = field(default_factory=list)
     calls: int = 0
+    hold_after_storing: int | None = None
+    """0-based index of the stored upload whose receipt is held until `release` is set."""
+    holding: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 class FakeSyncServicer(sync_pb2_grpc.SyncServiceServicer):
@@ -59,6 +63,10 @@ class FakeSyncServicer(sync_pb2_grpc.SyncServiceServicer):
             if st.lose_next_receipts > 0:
                 st.lose_next_receipts -= 1
                 context.abort(grpc.StatusCode.UNAVAILABLE, "injected lost receipt")
+            hold = st.hold_after_storing == len(st.upload_ids) - 1
+        if hold:
+            st.holding.set()
+            st.release.wait(60)
         return convert.receipt_to_pb(receipt)
 
     def GetUpdate(self, request, context):  # noqa: N802

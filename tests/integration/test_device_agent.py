@@ -1,0 +1,112 @@
+"""`device-agent run` as a real process: answers, UTS uploads through the durable outbox, kill -9.
+
+The cloud here is an in-test SyncService on 127.0.0.1:0 (tests/device/fake_cloud.py) because the
+scenario needs a receipt held in flight at the moment of the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.sync.credentials import Credentials
+from tests.device.fake_cloud import FakeCloud
+from tests.device.tiny import write_checkpoint
+from tests.support import BIN, ROOT, subprocess_env
+
+pytestmark = pytest.mark.integration
+
+LIMIT, ROUND, BUDGET = 24, 8, 3
+
+
+def _toml(path: Path, values: dict[str, object]) -> Path:
+    """TOML with one level of tables; scalars and string lists written as JSON (valid TOML)."""
+    flat = [f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+              for k, v in values.items() if isinstance(v, dict)]
+    path.write_text("\n".join(flat + tables) + "\n")
+    return path
+
+
+def _config(tmp_path: Path, ckpt: Path, address: str, **over: object) -> Path:
+    values: dict[str, object] = {
+        "device_id": "cam-01", "data_dir": str(tmp_path / "dev"), "cloud_address": address,
+        "insecure": True, "rpc_timeout_s": 10.0, "progress": False, "log_json": True,
+        "compressor": "vidcom2",
+        "model": {"checkpoint_dir": str(ckpt), "batch_size": 4, "max_new_tokens": 3},
+        "input": {"domains": ["source", "low_light"], "seed": 3, "limit": LIMIT},
+        "sampler_options": {"mode": "budget", "round_size": ROUND, "round_budget": BUDGET,
+                            "token_budget_bytes": 1200},
+        "uplink": {"batch_samples": 2, "retry_base_s": 0.05, "retry_max_s": 0.2,
+                   "drain_timeout_s": 30.0},
+        "updates": {"enabled": False},
+    }
+    values.update(over)
+    Credentials("cam-01", "tok", b"\1" * 32, "").save(tmp_path / "dev")
+    return _toml(tmp_path / "device.toml", values)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("student"))
+
+
+def _agent(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "device-agent"), "run", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=ROOT)
+
+
+def test_run_answers_and_uploads_selected_tokens(tmp_path: Path, ckpt: Path) -> None:
+    with FakeCloud() as cloud:
+        proc = _agent(_config(tmp_path, ckpt, cloud.address))
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        counters = json.loads(out.splitlines()[-1])
+        samples = cloud.state.samples
+    answers = [json.loads(x) for x in (tmp_path / "dev" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == LIMIT and {a["domain"] for a in answers} == {"source", "low_light"}
+    assert len(samples) == counters["selected"] == LIMIT // ROUND * BUDGET
+    status = json.loads((tmp_path / "dev" / "status.json").read_text())
+    assert status["uploaded_samples"] == len(samples) and status["samples_seen"] == LIMIT
+    for s in samples:
+        t = s.tokens
+        assert t is not None and t.values.dtype == np.int8 and t.scales is not None
+        assert t.values.shape[1] == 128 and 1 <= t.values.shape[0] <= 1200 // (128 + 12)
+        assert t.feature_space == "projected" and len(t.grid) == 3
+        assert s.device_answer is not None and 0.0 <= s.confidence <= 1.0
+    # the uploaded ones are each round's least confident
+    conf = {a["sample_id"]: a["confidence"] for a in answers}
+    up = {s.sample_id for s in samples}
+    for r in range(LIMIT // ROUND):
+        ids = [a["sample_id"] for a in answers[r * ROUND:(r + 1) * ROUND]]
+        worst = sorted(ids, key=lambda i: conf[i])[:BUDGET]
+        assert set(worst) == up & set(ids)
+
+
+def test_kill_9_mid_upload_then_restart_uploads_each_sample_once(tmp_path: Path,
+                                                                 ckpt: Path) -> None:
+    with FakeCloud() as cloud:
+        cloud.state.hold_after_storing = 1  # the 2nd upload is stored; its receipt hangs
+        cfg = _config(tmp_path, ckpt, cloud.address)
+        proc = _agent(cfg)
+        assert cloud.state.holding.wait(240), "agent never reached its second upload"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        cloud.state.release.set()
+        assert len(cloud.state.upload_ids) == 2
+        again = _agent(cfg)
+        out, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err[-3000:]
+        ids = [s.sample_id for s in cloud.state.samples]
+    assert len(ids) == LIMIT // ROUND * BUDGET
+    assert Counter(ids).most_common(1)[0][1] == 1
+    status = json.loads((tmp_path / "dev" / "status.json").read_text())
+    assert status["outbox_pending"] == 0 and status["outbox_in_flight"] == 0
+    assert "resuming input stream" in err or status["samples_seen"] == LIMIT
