@@ -201,18 +201,10 @@ class Agent:
         return len(convert.encode_sample_batch(SampleBatch(version, (sample,))))
 
     def _upload_sample(self, sel: Selection, item: InputItem, r: Inference) -> UploadSample:
-        meta = {k: v for k, v in item.meta.items() if k == "domain"}
-        if self.options.payload == "frames":
-            n = self.inference.student.processor.config.num_frames
-            frames = item.frames if item.media_kind == "image" else \
-                item.frames[sample_indices(item.frames.shape[0], n)]
-            return UploadSample(sel.sample_id, item.media_kind, item.question, r.answer,
-                                sel.confidence, frames=frames.numpy(), meta=meta)
-        idx = sel.tokens  # (K',) into r.record.keep
-        tokens = pack_tokens(r.features[idx], r.record.keep[idx], r.grid,
-                             self.inference.feature_space, self.sampler.config.value_dtype)
-        return UploadSample(sel.sample_id, item.media_kind, item.question, r.answer,
-                            sel.confidence, tokens=tokens, meta=meta)
+        return build_upload_sample(sel, item, r, self.options.payload,
+                                   self.inference.feature_space,
+                                   self.sampler.config.value_dtype,
+                                   self.inference.student.processor.config.num_frames)
 
     # ------------------------------------------------------------------ downlink
 
@@ -301,3 +293,18 @@ def probe_accuracy(inference: DeviceInference, items: Sequence[InputItem],
         right += sum(r.answer == c.answer for r, c in zip(res, chunk, strict=True))
     return right / max(1, len(items))
 
+
+
+def build_upload_sample(sel: Selection, item: InputItem, r: Inference, payload: str,
+                        feature_space: str, value_dtype: str, num_frames: int) -> UploadSample:
+    """The wire record of one selected sample: its selected tokens, or its sampled raw frames."""
+    meta = {k: v for k, v in item.meta.items() if k == "domain"}
+    if payload == "frames":
+        frames = item.frames if item.media_kind == "image" else \
+            item.frames[sample_indices(item.frames.shape[0], num_frames)]
+        return UploadSample(sel.sample_id, item.media_kind, item.question, r.answer,
+                            sel.confidence, frames=frames.numpy(), meta=meta)
+    idx = sel.tokens  # (K',) into r.record.keep
+    tokens = pack_tokens(r.features[idx], r.record.keep[idx], r.grid, feature_space, value_dtype)
+    return UploadSample(sel.sample_id, item.media_kind, item.question, r.answer,
+                        sel.confidence, tokens=tokens, meta=meta)

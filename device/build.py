@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from device.agent import Agent, AgentOptions, calibration_confidences, probe_accuracy
 from device.compress import COMPRESSORS
-from device.inputs import FolderInput, InputItem, ProceduralInput
+from device.inputs import FolderInput, InputItem, ProceduralInput, generator_for
 from device.outbox import Outbox, OutboxConfig
 from device.runtime.adapter_store import AdapterStore
 from device.runtime.inference import DeviceInference
@@ -42,7 +42,8 @@ def _calibrate(settings: DeviceSettings, inference: DeviceInference,
                 cfg.calibration_quantile:
             return sampler.calibrated_to(float(saved["threshold"]))
     up = settings.uplink
-    src = ProceduralInput(["source"], up.calibration_seed, settings.input.media_kind)
+    src = ProceduralInput(["source"], up.calibration_seed, settings.input.media_kind,
+                          generator=_generator(inference))
     items = [src.item(i) for i in range(up.calibration_samples)]
     conf = calibration_confidences(inference, sampler, items, batch_size)
     out = sampler.calibrated(conf)
@@ -51,6 +52,11 @@ def _calibrate(settings: DeviceSettings, inference: DeviceInference,
     log.info("calibrated upload threshold", extra={"threshold": out.config.threshold,
                                                    "samples": len(conf)})
     return out
+
+
+def _generator(inference: DeviceInference):  # noqa: ANN202 - shared.media GeneratorConfig
+    pc = inference.student.processor.config
+    return generator_for(pc.image_size, pc.num_frames)
 
 
 @contextmanager
@@ -78,7 +84,9 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
                     OutboxConfig(up.outbox_max_bytes, up.full_policy, up.batch_samples))
     try:
         upd = settings.updates
-        probe_src = ProceduralInput([upd.probe_domain], upd.probe_seed, settings.input.media_kind)
+        gen = _generator(inference)
+        probe_src = ProceduralInput([upd.probe_domain], upd.probe_seed, settings.input.media_kind,
+                                    generator=gen)
         probe_items: list[InputItem] = [probe_src.item(i) for i in range(upd.probe_samples)]
         updater = AdapterUpdater(
             student.model, AdapterStore(settings.data_dir / "adapters"),
@@ -88,7 +96,7 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
         sampler = _calibrate(settings, inference, sampler, m.batch_size)
         inp = settings.input
         source = (FolderInput(inp.folder, inp.limit) if inp.kind == "folder" and inp.folder
-                  else ProceduralInput(inp.domains, inp.seed, inp.media_kind, inp.limit))
+                  else ProceduralInput(inp.domains, inp.seed, inp.media_kind, inp.limit, gen))
         if inp.kind == "folder" and inp.folder is None:
             raise ConfigError("field `input.folder`: missing; required when input.kind = folder")
         uploader = Uploader(outbox, transport, BackoffConfig(up.retry_base_s, up.retry_max_s),

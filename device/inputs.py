@@ -39,19 +39,24 @@ class ProceduralInput:
     """Round-robin over `domains` of the zoo's procedural streams (a mixed stream when > 1)."""
 
     def __init__(self, domains: list[str], seed: int, media_kind: str,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, generator: P.GeneratorConfig | None = None) -> None:
         for d in domains:
             if d not in P.DOMAINS:
                 raise ConfigError(f"`input.domains`: {d!r} is not one of {P.DOMAINS}")
         if not domains:
             raise ConfigError("`input.domains` must name at least one domain")
         self.domains, self.seed, self.media_kind, self.limit = domains, seed, media_kind, limit
-        self.name = f"procedural:{'+'.join(domains)}:{seed}:{media_kind}"
+        self.generator = generator or P.GeneratorConfig()
+        """Scene geometry; match the student's training data (frame size, frames per video)."""
+        g = self.generator
+        self.name = (f"procedural:{'+'.join(domains)}:{seed}:{media_kind}:"
+                     f"{g.frame_size}px:{g.num_frames}f")
 
     def item(self, position: int) -> InputItem:
         """The item at `position` of the interleaved stream."""
         domain = self.domains[position % len(self.domains)]
-        s = P.sample(domain, self.seed, position // len(self.domains), self.media_kind)
+        s = P.sample(domain, self.seed, position // len(self.domains), self.media_kind,
+                     self.generator)
         return InputItem(s.sample_id, s.frames, s.question, s.media_kind, s.answer,
                          {"domain": domain, "qtype": s.qtype})
 
@@ -108,3 +113,9 @@ def load_media(path: Path) -> torch.Tensor:
         raise ConfigError(f"media {str(path)!r}: expected uint8 (F, H, W, 3), "
                           f"got {arr.dtype} {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def generator_for(image_size: int, num_frames: int) -> P.GeneratorConfig:
+    """Procedural scenes at the student's input size (the nearest valid multiple of 16)."""
+    size = max(32, round(image_size / 16) * 16)
+    return P.GeneratorConfig(frame_size=size, num_frames=max(4, min(32, num_frames)))

@@ -1,0 +1,273 @@
+"""UTS uplink on the zoo video task: bytes per uploaded sample and confidence calibration.
+
+Part `bytes`: for the samples UTS selects, wire bytes of one uploaded sample (serialized
+SampleBatch of one, int8 tokens + scales + int64 positions + question + answer + confidence)
+at several token byte budgets, against the same clip as raw fp16 pixels (the model input), as
+JPEG (quality 90, per frame), as raw uint8 frames through the `frames` payload, as every encoder
+token (fp16), and as every token the compressor kept (int8).
+
+Part `calibration`: on a mixed stream (source + the four shifted camera domains), the threshold is
+the q-quantile of confidences on separate source data; among uploaded samples, the fraction the
+device answered wrongly vs the base rate (= random selection at the same upload rate, with a
+95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong).
+
+Part `tokens` (with --teacher): teacher exact-match accuracy when it sees only the uploaded tokens
+chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens.
+
+Usage:
+    python -m bench.device_uplink --student zoo/default/student --teacher zoo/default/teacher \
+        --out reports/device_uplink
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from device.agent import build_upload_sample
+from device.compress import COMPRESSORS
+from device.compress.base import KeepPlan, Stage, VisualBatch
+from device.inputs import ProceduralInput, generator_for
+from device.runtime.inference import DeviceInference, Inference
+from device.runtime.loader import StudentConfig, load_student
+from device.sampling.base import Selection
+from device.sampling.uncertainty import sequence_confidence, token_bytes, tokens_within_budget
+from device.vlm.compressed import CompressedVLM
+from shared.media import procedural as P
+from shared.types import SampleBatch
+from shared.wire import convert
+
+log = logging.getLogger("bench.device_uplink")
+
+
+def _run_all(inf: DeviceInference, items: list[Any], batch: int) -> list[Inference]:
+    out: list[Inference] = []
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        out += inf.run([c.frames for c in chunk], [c.question for c in chunk],
+                       [c.sample_id for c in chunk])
+    return out
+
+
+def _conf(r: Inference, signal: str) -> float:
+    rec = r.record
+    return sequence_confidence(rec.token_logprobs, rec.token_entropy, rec.vocab_size, signal)
+
+
+def _jpeg_bytes(frames: torch.Tensor, size: int) -> int:
+    from PIL import Image
+
+    total = 0
+    for f in frames:
+        im = Image.fromarray(f.numpy()).resize((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        total += buf.tell()
+    return total
+
+
+def bytes_part(inf: DeviceInference, items: list[Any], res: list[Inference],
+               budgets: list[int]) -> dict[str, Any]:
+    """Wire bytes per uploaded sample vs raw references."""
+    pc = inf.student.processor.config
+    dim = int(res[0].features.shape[1])
+    n_all = res[0].visual_tokens_in
+    raw_fp16 = pc.num_frames * 3 * pc.image_size * pc.image_size * 2
+    rows: dict[str, Any] = {
+        "frames": pc.num_frames, "image_size": pc.image_size, "token_dim": dim,
+        "raw_fp16_pixels_bytes": raw_fp16,
+        "jpeg_q90_bytes_mean": statistics.mean(
+            _jpeg_bytes(it.frames, pc.image_size) for it in items[:50]),
+        "all_encoder_tokens_fp16_bytes": n_all * dim * 2,
+        "compressor_kept_tokens_int8_bytes_mean": statistics.mean(
+            r.record.keep.numel() * token_bytes(dim, "int8") for r in res),
+    }
+    frame_payload = []
+    for it, r in list(zip(items, res, strict=True))[:20]:
+        sel = Selection(it.sample_id, 0.5, torch.arange(r.record.keep.numel()))
+        s = build_upload_sample(sel, it, r, "frames", inf.feature_space, "int8", pc.num_frames)
+        frame_payload.append(len(convert.encode_sample_batch(SampleBatch(0, (s,)))))
+    rows["frames_payload_uint8_bytes_mean"] = statistics.mean(frame_payload)
+    per_budget = []
+    for budget in budgets:
+        sizes, ntok = [], []
+        for it, r in zip(items, res, strict=True):
+            idx = tokens_within_budget(r.record.token_scores, token_bytes(dim, "int8"), budget)
+            s = build_upload_sample(Selection(it.sample_id, _conf(r, "logprob"), idx), it, r,
+                                    "tokens", inf.feature_space, "int8", pc.num_frames)
+            sizes.append(len(convert.encode_sample_batch(SampleBatch(0, (s,)))))
+            ntok.append(int(idx.numel()))
+        mean = statistics.mean(sizes)
+        per_budget.append({"token_budget_bytes": budget, "tokens": statistics.mean(ntok),
+                           "bytes_mean": mean, "bytes_max": max(sizes),
+                           "pct_of_raw_fp16": 100 * mean / raw_fp16,
+                           "pct_of_jpeg": 100 * mean / rows["jpeg_q90_bytes_mean"],
+                           "pct_of_all_tokens_fp16": 100 * mean / rows[
+                               "all_encoder_tokens_fp16_bytes"]})
+    rows["uploads"] = per_budget
+    return rows
+
+
+def calibration_part(cal: list[Inference], res: list[Inference], items: list[Any],
+                     quantiles: list[float], seed: int) -> dict[str, Any]:
+    """Wrong-answer enrichment of threshold selection vs random selection at the same rate."""
+    wrong = np.array([r.answer != it.answer for r, it in zip(res, items, strict=True)])
+    shifted = np.array([it.meta["domain"] != "source" for it in items])
+    out: dict[str, Any] = {"stream_samples": len(items), "base_wrong_rate": float(wrong.mean()),
+                           "accuracy_by_domain": {
+                               d: float(1 - wrong[[it.meta["domain"] == d for it in items]].mean())
+                               for d in sorted({it.meta["domain"] for it in items})},
+                           "signals": {}}
+    rng = random.Random(seed)
+    for signal in ("logprob", "entropy"):
+        src = np.array([_conf(r, signal) for r in cal])
+        conf = np.array([_conf(r, signal) for r in res])
+        rows = []
+        for q in quantiles:
+            thr = float(np.quantile(src, q))
+            sel = conf < thr
+            n = int(sel.sum())
+            if n == 0:
+                rows.append({"quantile": q, "threshold": thr, "uploaded": 0})
+                continue
+            draws = [wrong[rng.sample(range(len(items)), n)].mean() for _ in range(2000)]
+            lo, hi = np.quantile(draws, [0.025, 0.975])
+            rows.append({
+                "quantile": q, "threshold": thr, "uploaded": n, "upload_rate": n / len(items),
+                "wrong_rate_uploaded": float(wrong[sel].mean()),
+                "wrong_rate_random_mean": float(np.mean(draws)),
+                "wrong_rate_random_95": [float(lo), float(hi)],
+                "enrichment": float(wrong[sel].mean() / max(wrong.mean(), 1e-9)),
+                "shifted_share_uploaded": float(shifted[sel].mean()),
+                "shifted_share_stream": float(shifted.mean()),
+            })
+        out["signals"][signal] = rows
+    return out
+
+
+class _FixedKeep:
+    """A pre-LLM 'compressor' that returns the indices it is given (per call, in order)."""
+
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+
+    def __init__(self) -> None:
+        self.plans: list[torch.Tensor] = []
+
+    def select(self, batch: VisualBatch) -> KeepPlan:
+        return KeepPlan(keep=self.plans.pop(0))
+
+
+def tokens_part(teacher_dir: Path, items: list[Any], res: list[Inference], budget: int,
+                seed: int) -> dict[str, Any]:
+    """Teacher accuracy on the uploaded tokens: attention top-k vs random k vs all kept."""
+    teacher = load_student(StudentConfig(teacher_dir, attention_scores=False))
+    fixed = _FixedKeep()
+    cv = CompressedVLM(teacher.model, fixed)
+    g = torch.Generator().manual_seed(seed)
+    dim = int(res[0].features.shape[1])
+    hits: dict[str, list[bool]] = {"attention": [], "random": [], "all_kept": []}
+    for it, r in zip(items, res, strict=True):
+        k = r.record.keep
+        idx = tokens_within_budget(r.record.token_scores, token_bytes(dim, "int8"), budget)
+        rnd = torch.sort(torch.randperm(k.numel(), generator=g)[:idx.numel()]).values
+        for name, keep in (("attention", k[idx]), ("random", k[rnd]), ("all_kept", k)):
+            fixed.plans = [keep]
+            gen = cv.generate(teacher.processor(([it.frames], [it.question])), max_new_tokens=3,
+                              do_sample=False)
+            ans = teacher.processor.decode_answers(gen.new_tokens)[0]
+            hits[name].append(ans == it.answer)
+    return {"token_budget_bytes": budget, "samples": len(items),
+            **{f"teacher_accuracy_{k}": float(np.mean(v)) for k, v in hits.items()}}
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    b = report["bytes"]
+    labels = ["raw fp16", "JPEG q90", "raw uint8\nframes payload", "all tokens\nfp16",
+              "kept tokens\nint8"] + [f"UTS {u['tokens']:.0f} tok" for u in b["uploads"]]
+    vals = [b["raw_fp16_pixels_bytes"], b["jpeg_q90_bytes_mean"],
+            b["frames_payload_uint8_bytes_mean"], b["all_encoder_tokens_fp16_bytes"],
+            b["compressor_kept_tokens_int8_bytes_mean"]] + [u["bytes_mean"] for u in b["uploads"]]
+    ax[0].bar(range(len(vals)), vals, color=["grey"] * 5 + ["tab:blue"] * len(b["uploads"]))
+    ax[0].axhline(0.01 * b["raw_fp16_pixels_bytes"], color="red", ls="--", label="1% of raw fp16")
+    ax[0].set_yscale("log")
+    ax[0].set_xticks(range(len(vals)), labels, rotation=45, ha="right", fontsize=8)
+    ax[0].set_ylabel("bytes per sample")
+    ax[0].legend()
+    c = report["calibration"]
+    for signal, rows in c["signals"].items():
+        rows = [r for r in rows if r.get("uploaded")]
+        ax[1].plot([r["upload_rate"] for r in rows], [r["wrong_rate_uploaded"] for r in rows],
+                   "o-", label=f"UTS ({signal})")
+    ax[1].axhline(c["base_wrong_rate"], color="grey", ls="--", label="random (base rate)")
+    ax[1].set_xlabel("upload rate")
+    ax[1].set_ylabel("wrong answers among uploaded")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the parts; print and write JSON and PNG."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", type=Path, default=Path("zoo/default/student"))
+    p.add_argument("--teacher", type=Path, default=None)
+    p.add_argument("--quantization", default="fp32")
+    p.add_argument("--per-domain", type=int, default=60)
+    p.add_argument("--calibration", type=int, default=100)
+    p.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--budgets", type=int, nargs="+", default=[420, 840, 1680, 3360])
+    p.add_argument("--teacher-samples", type=int, default=60)
+    p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("reports/device_uplink"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    st = load_student(StudentConfig(args.student, quantization=args.quantization))
+    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {"keep_ratio": args.keep_ratio}), 3)
+    pc = st.processor.config
+    gen = generator_for(pc.image_size, pc.num_frames)
+    cal_items = [ProceduralInput(["source"], 7, "video", generator=gen).item(i)
+                 for i in range(args.calibration)]
+    stream = ProceduralInput(list(P.DOMAINS), 4242, "video", generator=gen)
+    items = [stream.item(i) for i in range(args.per_domain * len(P.DOMAINS))]
+    cal = _run_all(inf, cal_items, args.batch)
+    res = _run_all(inf, items, args.batch)
+    report: dict[str, Any] = {
+        "student": str(args.student), "quantization": args.quantization,
+        "compressor": f"vidcom2 keep_ratio={args.keep_ratio}",
+        "bytes": bytes_part(inf, items, res, args.budgets),
+        "calibration": calibration_part(cal, res, items, args.quantiles, args.seed),
+    }
+    if args.teacher is not None:
+        n = args.teacher_samples
+        report["tokens"] = tokens_part(args.teacher, items[:n], res[:n], args.budgets[1],
+                                       args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "device_uplink.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, args.out / "device_uplink.png")
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
