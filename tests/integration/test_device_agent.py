@@ -25,10 +25,16 @@ pytestmark = pytest.mark.integration
 LIMIT, ROUND, BUDGET = 24, 8, 3
 
 
+def _val(v: object) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)  # strings, numbers, booleans, string lists: JSON is valid TOML here
+
+
 def _toml(path: Path, values: dict[str, object]) -> Path:
-    """TOML with one level of tables; scalars and string lists written as JSON (valid TOML)."""
-    flat = [f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict)]
-    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {json.dumps(vv)}" for kk, vv in v.items())
+    """TOML with one level of tables (deeper dicts as inline tables)."""
+    flat = [f"{k} = {_val(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{kk} = {_val(vv)}" for kk, vv in v.items())
               for k, v in values.items() if isinstance(v, dict)]
     path.write_text("\n".join(flat + tables) + "\n")
     return path
@@ -110,3 +116,68 @@ def test_kill_9_mid_upload_then_restart_uploads_each_sample_once(tmp_path: Path,
     status = json.loads((tmp_path / "dev" / "status.json").read_text())
     assert status["outbox_pending"] == 0 and status["outbox_in_flight"] == 0
     assert "resuming input stream" in err or status["samples_seen"] == LIMIT
+
+
+# ---------------------------------------------------------------- the real cloud-server process
+
+@pytest.fixture
+def real_cloud(tmp_path: Path):
+    from tests.support import CloudProcess
+
+    cfg = _toml(tmp_path / "cloud.toml", {
+        "data_dir": str(tmp_path / "cloud"), "enrollment_secret": "fleet-secret",
+        "listen_address": "127.0.0.1:0", "insecure": True, "grace_s": 2.0,
+        "worker": {"enabled": False, "trainer_options": {"dim": 128}},
+    })
+    server = CloudProcess(cfg, tmp_path)
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+def _register(cfg: Path) -> None:
+    proc = subprocess.run([str(BIN / "device-agent"), "register", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _cloud_status(cfg: Path) -> dict:
+    proc = subprocess.run([str(BIN / "device-agent"), "status", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_real_cloud_kill_9_then_restart_stores_each_sample_once(
+        tmp_path: Path, ckpt: Path, real_cloud) -> None:
+    import sqlite3
+    import time
+
+    cfg = _config(tmp_path, ckpt, real_cloud.address, enrollment_secret="fleet-secret",
+                  model={"checkpoint_dir": str(ckpt), "batch_size": 4, "max_new_tokens": 3,
+                         "feature_space": "tiny/features"})
+    _register(cfg)
+    proc = _agent(cfg)
+    db = next((tmp_path / "cloud").rglob("*.sqlite3"))
+    deadline = time.monotonic() + 240
+    stored = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            stored = con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        if stored >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and stored >= 2, "agent finished or never uploaded"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    again = _agent(cfg)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        ids = [r[0] for r in con.execute("SELECT sample_id FROM samples")]
+    assert len(ids) == LIMIT // ROUND * BUDGET and len(set(ids)) == len(ids)
+    status = _cloud_status(cfg)
+    assert status["stored_samples"] == len(ids)
+    assert status["device"]["outbox_pending"] == status["device"]["outbox_in_flight"] == 0
+    assert status["device"]["dead_lettered"] == 0
