@@ -26,10 +26,10 @@ from device.runtime.inference import DeviceInference, Inference
 from device.sampling.base import Selection
 from device.sampling.payload import pack_tokens
 from device.sampling.uncertainty import UncertaintySampler
-from device.sync.transport import Transport
+from device.sync.transport import MalformedUpdateError, Transport
 from device.sync.updater import AdapterUpdater
 from device.sync.uploader import Uploader
-from shared.errors import CdcaError, StoreFullError, TransportError
+from shared.errors import StoreFullError, TransportError
 from shared.media.frames import sample_indices
 from shared.types import SampleBatch, UpdateAck, UploadSample
 from shared.wire import convert
@@ -217,7 +217,11 @@ class Agent:
             stop.wait(self.options.poll_interval_s)
 
     def poll_updates_once(self) -> UpdateAck | None:
-        """Resend unsent acks, fetch (outside the model lock), apply (inside), acknowledge."""
+        """Resend unsent acks, fetch (outside the model lock), apply (inside), acknowledge.
+
+        A stream that fails reassembly (size, sha256) is rejected like a bad signature: the
+        serving adapter is untouched and the announced version is acknowledged as rejected.
+        """
         updater, transport = self.updater, self.transport
         if updater is None or transport is None:
             return None
@@ -226,15 +230,16 @@ class Agent:
             self._pending_acks.pop(0)
         try:
             got = transport.fetch_update(updater.version, updater.config.max_update_bytes)
-        except CdcaError as e:
-            if isinstance(e, TransportError):
-                raise
+        except MalformedUpdateError as e:
             log.warning("update stream malformed", extra={"reason": str(e)})
-            return None
-        if got is None:
-            return None
-        with self.model_lock:
-            ack = updater.apply(*got)
+            if e.header is None:
+                return None
+            ack = UpdateAck(e.header.version, "rejected", detail=f"payload: {e}"[:1024])
+        else:
+            if got is None:
+                return None
+            with self.model_lock:
+                ack = updater.apply(*got)
         self.counters.adapter_version = updater.version
         self.counters.updates[ack.outcome] = self.counters.updates.get(ack.outcome, 0) + 1
         self._pending_acks.append(ack)

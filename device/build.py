@@ -88,6 +88,11 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
         probe_src = ProceduralInput([upd.probe_domain], upd.probe_seed, settings.input.media_kind,
                                     generator=gen)
         probe_items: list[InputItem] = [probe_src.item(i) for i in range(upd.probe_samples)]
+        if upd.probe_folder is not None:
+            probe_items = [it for _, it in FolderInput(upd.probe_folder).iterate(0)]
+            if any(it.answer is None for it in probe_items):
+                raise ConfigError(f"field `updates.probe_folder`: every line of "
+                                  f"{upd.probe_folder}/questions.jsonl needs an \"answer\"")
         updater = AdapterUpdater(
             student.model, AdapterStore(settings.data_dir / "adapters"),
             UpdaterConfig(upd.rollback_margin, upd.max_update_bytes), settings.device_id,

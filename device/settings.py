@@ -87,6 +87,9 @@ class UpdateSettings(BaseModel):
     probe_samples: int = Field(default=16, ge=1)
     probe_domain: str = "source"
     probe_seed: int = 12345
+    probe_folder: Path | None = None
+    """Labelled probe set (folder input layout with "answer" per line) instead of the
+    procedural `probe_domain` stream."""
     max_update_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
 
 

@@ -48,6 +48,8 @@ class StudentConfig:
     lora_targets: str = (r".*language_model.*\."
                          r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     """Regex of LLM modules carrying LoRA; must equal the cloud's (cloud/distill/adapters.py)."""
+    lora_seed: int = 0
+    """Seed of a fresh LoRA's A matrices, so every process builds the same version 0."""
     attention_scores: bool = True
     """Run the LLM with eager attention so answer->visual attention can rank tokens (UTS)."""
 
@@ -111,7 +113,9 @@ def load_student(cfg: StudentConfig) -> Student:
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                           target_modules=cfg.lora_targets, lora_dropout=0.0)
-        model = get_peft_model(base, lora)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.lora_seed)
+            model = get_peft_model(base, lora)
     if cfg.quantization == "int8_dynamic":
         model = _int8_dynamic(model)
     model.eval()

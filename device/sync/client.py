@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import Any
+
 import grpc
 
 from device.settings import DeviceSettings
 from device.sync.credentials import Credentials
-from shared.errors import TransportError
+from device.sync.transport import MalformedUpdateError
+from shared.errors import TransportError, WireFormatError
 from shared.pb.v1 import sync_pb2_grpc
 from shared.types import (
     DeviceStatus,
@@ -99,14 +103,25 @@ class GrpcTransport:
 
     def fetch_update(self, have_version: int, max_bytes: int) -> tuple[UpdateHeader, bytes] | None:
         """The update based on `have_version` (header unverified), or None when up to date."""
+        first: list[Any] = []
+
+        def tap(chunks: Iterable[Any]) -> Iterator[Any]:
+            for c in chunks:
+                if not first:
+                    first.append(c)
+                yield c
+
         try:
             stream = self._stub.GetUpdate(
                 convert.get_update_request(have_version), timeout=self._timeout_s,
                 metadata=self._metadata(),
             )
-            return convert.reassemble_update(stream, max_bytes)
+            return convert.reassemble_update(tap(stream), max_bytes)
         except grpc.RpcError as e:
             raise TransportError(e.code().name, e.details() or "") from e
+        except WireFormatError as e:
+            header = convert.update_header_of(first[0]) if first else None
+            raise MalformedUpdateError(header, str(e)) from e
 
     def ack(self, ack: UpdateAck) -> int:
         """Report what happened to an update; returns the version the cloud now records."""

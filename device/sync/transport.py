@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from shared.errors import WireFormatError
 from shared.types import UpdateAck, UpdateHeader, UploadReceipt
 
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
@@ -30,3 +31,12 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release the connection."""
         ...
+
+
+class MalformedUpdateError(WireFormatError):
+    """An update stream failed reassembly (size or sha256); `header` is what its first chunk
+    announced (unverified), or None when no header arrived."""
+
+    def __init__(self, header: UpdateHeader | None, reason: str) -> None:
+        super().__init__(reason)
+        self.header = header

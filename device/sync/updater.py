@@ -18,10 +18,9 @@ from peft import PeftModel
 
 from device.runtime.adapter_store import AdapterStore, Pointer
 from device.runtime.loader import adapter_state, load_adapter_state
-from device.sync.transport import Transport
 from shared import signing
 from shared.codec import CODECS
-from shared.errors import CdcaError, ConfigError, IncompatibleUpdateError, WireFormatError
+from shared.errors import CdcaError, ConfigError, IncompatibleUpdateError
 from shared.types import UpdateAck, UpdateHeader
 
 log = logging.getLogger(__name__)
@@ -131,21 +130,3 @@ class AdapterUpdater:
                                           "previous_probe": before})
         return UpdateAck(header.version, "applied", after, before)
 
-
-def poll_once(updater: AdapterUpdater, transport: Transport) -> UpdateAck | None:
-    """Fetch the update for the serving version, if any, apply it and acknowledge it.
-
-    Raises:
-        TransportError: the cloud could not be reached; nothing changed locally.
-    """
-    try:
-        got = transport.fetch_update(updater.version, updater.config.max_update_bytes)
-    except WireFormatError as e:  # a malformed stream is a rejected update, not an outage
-        log.warning("update stream malformed", extra={"reason": str(e)})
-        return None
-    if got is None:
-        return None
-    header, payload = got
-    ack = updater.apply(header, payload)
-    transport.ack(ack)
-    return ack

@@ -362,6 +362,12 @@ def reassemble_update(
     return header, assembler.finish()
 
 
+def update_header_of(chunk: pb.UpdateChunk) -> UpdateHeader | None:
+    """The (unverified) header a chunk carries, if any: lets a receiver acknowledge the version
+    of an update whose stream failed reassembly (bad size or sha256)."""
+    return _header_from_pb(chunk.header) if chunk.HasField("header") else None
+
+
 _OUTCOME_TO_PB = {
     "applied": pb.AckUpdateRequest.APPLIED,
     "rolled_back": pb.AckUpdateRequest.ROLLED_BACK,

@@ -29,6 +29,10 @@ class CloudState:
     lose_next_receipts: int = 0
     """Store this many uploads, then fail the call (the receipt is lost on the way)."""
     updates: dict[int, tuple[UpdateHeader, bytes]] = field(default_factory=dict)
+    """Served by `have_version`."""
+    update_queue: list[tuple[UpdateHeader, bytes]] = field(default_factory=list)
+    """Served first, whatever the device holds (a faulty or hostile cloud); the head is
+    dropped once the device acknowledges its version."""
     acks: list[UpdateAck] = field(default_factory=list)
     calls: int = 0
     hold_after_storing: int | None = None
@@ -71,14 +75,20 @@ class FakeSyncServicer(sync_pb2_grpc.SyncServiceServicer):
 
     def GetUpdate(self, request, context):  # noqa: N802
         have = convert.have_version_from_pb(request)
-        item = self.state.updates.get(have)
+        with self._lock:
+            queued = self.state.update_queue[0] if self.state.update_queue else None
+        item = queued or self.state.updates.get(have)
         if item is None:
             return
         yield from convert.update_chunks(*item)
 
     def AckUpdate(self, request, context):  # noqa: N802
         ack = convert.ack_from_pb(request)
-        self.state.acks.append(ack)
+        with self._lock:
+            self.state.acks.append(ack)
+            q = self.state.update_queue
+            if q and q[0][0].version == ack.version:
+                q.pop(0)
         return convert.ack_response_to_pb(ack.version if ack.outcome == "applied" else 0)
 
 
