@@ -1,0 +1,72 @@
+"""DeviceSettings sections (TOML + env), and the raw-frames upload payload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from device.agent import build_upload_sample
+from device.inputs import FolderInput, InputItem, ProceduralInput, load_media
+from device.runtime.inference import Inference
+from device.sampling.base import InferenceRecord, Selection
+from device.settings import DeviceSettings
+from shared.errors import ConfigError
+from shared.settings import load_settings
+from shared.types import SampleBatch
+from shared.wire import convert
+
+
+def test_nested_sections_from_toml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'device_id = "cam-9"\ndata_dir = "{tmp_path}"\n'
+                   f'[model]\ncheckpoint_dir = "{tmp_path}"\nquantization = "bnb4"\n'
+                   '[sampler_options]\nmode = "budget"\n')
+    monkeypatch.setenv("CDCA_DEVICE_MODEL__QUANTIZATION", "int8_dynamic")
+    monkeypatch.setenv("CDCA_DEVICE_UPLINK__FULL_POLICY", "reject_new")
+    s = load_settings(DeviceSettings, cfg)
+    assert s.model is not None and s.model.quantization == "int8_dynamic"
+    assert s.uplink.full_policy == "reject_new" and s.sampler_options == {"mode": "budget"}
+    monkeypatch.setenv("CDCA_DEVICE_MODEL__QUANTIZATION", "int3")
+    with pytest.raises(ConfigError, match="model.quantization"):
+        load_settings(DeviceSettings, cfg)
+
+
+def _inference(k: int = 5) -> Inference:
+    rec = InferenceRecord("s1", torch.tensor([-0.1]), torch.tensor([0.2]), 50,
+                          torch.rand(k), torch.arange(k) * 3)
+    return Inference("red", rec, torch.randn(k, 16), (8, 3, 3), "video", 73)
+
+
+def test_frames_payload_carries_sampled_uint8_frames() -> None:
+    frames = torch.randint(0, 255, (16, 40, 40, 3), dtype=torch.uint8)
+    item = InputItem("s1", frames, "what colour was the flash?", "video", "red",
+                     {"domain": "blur", "qtype": "flash"})
+    s = build_upload_sample(Selection("s1", 0.3, torch.tensor([0, 2])), item, _inference(),
+                            "frames", "projected", "int8", num_frames=8)
+    assert s.tokens is None and s.frames.shape == (8, 40, 40, 3) and s.frames.dtype == np.uint8
+    assert s.meta == {"domain": "blur"}  # evaluation labels other than the domain stay home
+    back = convert.decode_sample_batch(convert.encode_sample_batch(SampleBatch(0, (s,))),
+                                       convert.UploadLimits()).samples[0]
+    assert np.array_equal(back.frames, frames[[1, 3, 5, 7, 9, 11, 13, 15]].numpy())
+    t = build_upload_sample(Selection("s1", 0.3, torch.tensor([0, 2])), item, _inference(),
+                            "tokens", "projected", "float16", num_frames=8).tokens
+    assert t.values.dtype == np.float16 and t.positions.tolist() == [0, 6] and t.scales is None
+
+
+def test_inputs_resume_and_folder(tmp_path: Path) -> None:
+    src = ProceduralInput(["source", "blur"], 1, "video", limit=5)
+    got = list(src.iterate(3))
+    assert [p for p, _ in got] == [3, 4] and got[0][1].meta["domain"] == "blur"
+    assert got[0][1].sample_id == src.item(3).sample_id
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "questions.jsonl").write_text(
+        '{"id": "a", "media": "a.npy", "question": "q?", "answer": "yes"}\n')
+    (item,) = [i for _, i in FolderInput(tmp_path).iterate(0)]
+    assert item.media_kind == "video" and item.answer == "yes"
+    with pytest.raises(ConfigError, match="unsupported suffix"):
+        load_media(tmp_path / "questions.jsonl")
+    with pytest.raises(ConfigError, match="domains"):
+        ProceduralInput(["mars"], 0, "video")
