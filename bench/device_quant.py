@@ -44,6 +44,12 @@ def _one(checkpoint: Path, mode: str, samples: int, threads: int) -> dict[str, A
     from device.runtime.loader import StudentConfig, load_student, model_bytes
     from shared.media import procedural as P
 
+    import warnings
+
+    with warnings.catch_warnings():  # import every backend first: RSS growth = the model only
+        warnings.simplefilter("ignore")
+        import bitsandbytes  # noqa: F401
+        import torch.ao.nn.quantized.dynamic  # noqa: F401
     rss0 = _rss_bytes()
     t0 = time.perf_counter()
     st = load_student(StudentConfig(checkpoint, quantization=mode))

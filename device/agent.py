@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,7 +81,8 @@ class Agent:
     def __init__(self, inference: DeviceInference, sampler: UncertaintySampler, outbox: Outbox,
                  source: Source, answers_path: Path, status_path: Path, options: AgentOptions,
                  transport: Transport | None = None, uploader: Uploader | None = None,
-                 updater: AdapterUpdater | None = None) -> None:
+                 updater: AdapterUpdater | None = None,
+                 on_status: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.inference = inference
         self.sampler = sampler
         self.outbox = outbox
@@ -92,6 +93,8 @@ class Agent:
         self.transport = transport
         self.uploader = uploader
         self.updater = updater
+        self.on_status = on_status
+        """Called with every status snapshot (Prometheus gauges)."""
         self.model_lock = threading.Lock()
         self.counters = Counters(samples_seen=outbox.cursor(source.name))
         self._pending_acks: list[UpdateAck] = []
@@ -270,6 +273,8 @@ class Agent:
         if bar is not None:
             bar.set_postfix(uploaded=ob["uploaded_samples"], kb=ob["uploaded_bytes"] // 1024,
                             v=self.counters.adapter_version, refresh=False)
+        if self.on_status is not None:
+            self.on_status(status)
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status) + "\n")
         os.replace(tmp, self.status_path)

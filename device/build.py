@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from device.agent import Agent, AgentOptions, calibration_confidences, probe_accuracy
 from device.compress import COMPRESSORS
 from device.inputs import FolderInput, InputItem, ProceduralInput, generator_for
+from device.metrics import DeviceMetrics
 from device.outbox import Outbox, OutboxConfig
 from device.runtime.adapter_store import AdapterStore
 from device.runtime.inference import DeviceInference
@@ -80,6 +81,7 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
     sampler.dim = int(student.model.get_base_model().config.get_text_config().hidden_size)
     up = settings.uplink
     transport = GrpcTransport(open_channel(settings), settings.rpc_timeout_s, creds)
+    metrics: DeviceMetrics | None = None
     outbox = Outbox(settings.data_dir / "outbox.sqlite3",
                     OutboxConfig(up.outbox_max_bytes, up.full_policy, up.batch_samples))
     try:
@@ -110,10 +112,15 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
                       else m.batch_size)
         options = AgentOptions(m.batch_size, up.payload, round_size, upd.poll_interval_s,
                                up.drain_timeout_s, progress=settings.progress)
+        if settings.metrics_address is not None:
+            metrics = DeviceMetrics(settings.metrics_address)
         yield Agent(inference, sampler, outbox, source,
                     settings.answers_path or settings.data_dir / "answers.jsonl",
                     settings.data_dir / "status.json", options, transport, uploader,
-                    updater if upd.enabled else None)
+                    updater if upd.enabled else None,
+                    on_status=metrics.update if metrics is not None else None)
     finally:
         transport.close()
         outbox.close()
+        if metrics is not None:
+            metrics.close()

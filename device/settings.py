@@ -127,3 +127,5 @@ class DeviceSettings(CdcaSettings):
     """JSONL of answers; default `<data_dir>/answers.jsonl`."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    metrics_address: str | None = None
+    """host:port for Prometheus gauges of the agent's counters; None disables."""

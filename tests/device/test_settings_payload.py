@@ -70,3 +70,21 @@ def test_inputs_resume_and_folder(tmp_path: Path) -> None:
         load_media(tmp_path / "questions.jsonl")
     with pytest.raises(ConfigError, match="domains"):
         ProceduralInput(["mars"], 0, "video")
+
+
+def test_prometheus_gauges_mirror_status() -> None:
+    import urllib.request
+
+    from device.metrics import DeviceMetrics
+
+    m = DeviceMetrics("127.0.0.1:0")
+    try:
+        m.update({"samples_seen": 12, "uploaded_bytes": 3456, "adapter_version": 2, "x": "y"})
+        port = m.server.server_port
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        m.close()
+    text = body.decode()
+    assert "cdca_device_samples_seen 12.0" in text and "cdca_device_adapter_version 2.0" in text
+    with pytest.raises(ConfigError, match="metrics_address"):
+        DeviceMetrics("nowhere")
