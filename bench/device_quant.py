@@ -38,13 +38,13 @@ def _one(checkpoint: Path, mode: str, samples: int, threads: int) -> dict[str, A
     import torch
 
     torch.set_num_threads(threads)
+    import warnings
+
     from device.compress import COMPRESSORS
     from device.inputs import ProceduralInput, generator_for
     from device.runtime.inference import DeviceInference
     from device.runtime.loader import StudentConfig, load_student, model_bytes
     from shared.media import procedural as P
-
-    import warnings
 
     with warnings.catch_warnings():  # import every backend first: RSS growth = the model only
         warnings.simplefilter("ignore")
