@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -118,6 +120,30 @@ def test_kill_9_mid_upload_then_restart_uploads_each_sample_once(tmp_path: Path,
     assert "resuming input stream" in err or status["samples_seen"] == LIMIT
 
 
+def test_cloud_down_at_first_then_back_every_sample_arrives_once(tmp_path: Path,
+                                                                 ckpt: Path) -> None:
+    cloud = FakeCloud()  # port bound, not serving yet: the device meets a dead link
+    cfg = _config(tmp_path, ckpt, cloud.address,
+                  rpc_timeout_s=0.5)  # short deadlines: several failed attempts, then backoff
+    proc = _agent(cfg)
+    outbox = tmp_path / "dev" / "outbox.sqlite3"
+    deadline = time.monotonic() + 240
+    attempts = 0
+    while time.monotonic() < deadline and attempts < 3 and proc.poll() is None:
+        if outbox.exists():
+            with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as con:
+                row = con.execute("SELECT COALESCE(MAX(attempts), 0) FROM uploads").fetchone()
+                attempts = int(row[0]) if row else 0
+        time.sleep(0.1)
+    assert attempts >= 3, "the agent never retried against the dead link"
+    with cloud:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        ids = [s.sample_id for s in cloud.state.samples]
+    assert len(ids) == LIMIT // ROUND * BUDGET and len(set(ids)) == len(ids)
+    assert "will retry" in err
+
+
 # ---------------------------------------------------------------- the real cloud-server process
 
 @pytest.fixture
@@ -151,9 +177,6 @@ def _cloud_status(cfg: Path) -> dict:
 
 def test_real_cloud_kill_9_then_restart_stores_each_sample_once(
         tmp_path: Path, ckpt: Path, real_cloud) -> None:
-    import sqlite3
-    import time
-
     cfg = _config(tmp_path, ckpt, real_cloud.address, enrollment_secret="fleet-secret",
                   model={"checkpoint_dir": str(ckpt), "batch_size": 4, "max_new_tokens": 3,
                          "feature_space": "tiny/features"})
