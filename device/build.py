@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from device.agent import Agent, AgentOptions, calibration_confidences, probe_accuracy
 from device.compress import COMPRESSORS
@@ -78,7 +79,10 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
         student, COMPRESSORS.build(settings.compressor, settings.compressor_options),
         m.max_new_tokens, encoder, m.feature_space)
     sampler = SAMPLERS.build(settings.sampler, settings.sampler_options)
-    sampler.dim = int(student.model.get_base_model().config.get_text_config().hidden_size)
+    if not isinstance(sampler, UncertaintySampler):
+        raise ConfigError(f"field `sampler`: {settings.sampler!r} is not a UTS sampler")
+    hf: Any = student.model.get_base_model()
+    sampler.dim = int(hf.config.get_text_config().hidden_size)
     up = settings.uplink
     transport = GrpcTransport(open_channel(settings), settings.rpc_timeout_s, creds)
     metrics: DeviceMetrics | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError, StoreFullError
-from shared.types import SampleBatch
+from shared.types import SampleBatch, UploadSample
 from shared.wire import convert
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class Outbox:
         rows = self._db.execute(
             "SELECT seq, payload FROM pending WHERE adapter_version=? ORDER BY seq LIMIT ?",
             (version, self.config.batch_samples)).fetchall()
-        samples = []
+        samples: list[UploadSample] = []
         for _, payload in rows:
             samples.extend(convert.decode_sample_batch(bytes(payload), _LIMITS).samples)
         payload = convert.encode_sample_batch(SampleBatch(version, tuple(samples)))

@@ -14,6 +14,7 @@ signal computed by the model itself. Unselected tokens are not sent at all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,13 +115,11 @@ class UncertaintySampler:
                               f"got {len(source_confidences)}")
         q = torch.quantile(torch.tensor(source_confidences, dtype=torch.float64),
                            self.config.calibration_quantile)
-        cfg = UncertaintySamplerConfig(**{**_asdict(self.config), "threshold": float(q)})
-        return UncertaintySampler(cfg, self.dim)
+        return UncertaintySampler(dataclasses.replace(self.config, threshold=float(q)), self.dim)
 
     def calibrated_to(self, threshold: float) -> UncertaintySampler:
         """A sampler with a previously calibrated `threshold`."""
-        cfg = UncertaintySamplerConfig(**{**_asdict(self.config), "threshold": threshold})
-        return UncertaintySampler(cfg, self.dim)
+        return UncertaintySampler(dataclasses.replace(self.config, threshold=threshold), self.dim)
 
     def confidence(self, record: InferenceRecord) -> float:
         """Length-normalised confidence of the record's answer."""
@@ -145,7 +144,3 @@ class UncertaintySampler:
                           tokens_within_budget(records[i].token_scores, per_token,
                                                cfg.token_budget_bytes, cfg.min_tokens))
                 for i in chosen]
-
-
-def _asdict(cfg: UncertaintySamplerConfig) -> dict[str, object]:
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
