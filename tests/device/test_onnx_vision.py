@@ -35,3 +35,20 @@ def test_export_quantize_and_serve(tiny_ckpt: Path, tmp_path: Path) -> None:
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.record.keep, y.record.keep)
         assert torch.allclose(x.features, y.features, atol=1e-4)
+
+
+def test_export_onnx_command_reports_the_check(tiny_ckpt: Path, tmp_path: Path,
+                                               capsys) -> None:  # noqa: ANN001
+    import json
+
+    from device.__main__ import main
+
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'device_id = "cam-1"\ndata_dir = "{tmp_path}"\ninsecure = true\n'
+                   f'[model]\ncheckpoint_dir = "{tiny_ckpt}"\n'
+                   f'onnx_vision = "{tmp_path / "vision.int8.onnx"}"\n')
+    assert main(["export-onnx", "--config", str(cfg)]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["fp32_max_abs_diff"] < 1e-4 and report["int8_rel_diff"] < 0.1
+    assert report["int8_bytes"] < report["fp32_bytes"]
+    assert (tmp_path / "vision.int8.onnx").is_file() and (tmp_path / "vision.fp32.onnx").is_file()
