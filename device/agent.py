@@ -82,7 +82,8 @@ class Agent:
                  source: Source, answers_path: Path, status_path: Path, options: AgentOptions,
                  transport: Transport | None = None, uploader: Uploader | None = None,
                  updater: AdapterUpdater | None = None,
-                 on_status: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_status: Callable[[dict[str, Any]], None] | None = None,
+                 recalibrate: Callable[[], UncertaintySampler] | None = None) -> None:
         self.inference = inference
         self.sampler = sampler
         self.outbox = outbox
@@ -94,6 +95,8 @@ class Agent:
         self.uploader = uploader
         self.updater = updater
         self.on_status = on_status
+        self.recalibrate = recalibrate
+        """Returns the sampler calibrated for the adapter now serving (after an update)."""
         """Called with every status snapshot (Prometheus gauges)."""
         self.model_lock = threading.Lock()
         self.counters = Counters(samples_seen=outbox.cursor(source.name))
@@ -243,6 +246,8 @@ class Agent:
                 return None
             with self.model_lock:
                 ack = updater.apply(*got)
+                if ack.outcome == "applied" and self.recalibrate is not None:
+                    self.sampler = self.recalibrate()
         self.counters.adapter_version = updater.version
         self.counters.updates[ack.outcome] = self.counters.updates.get(ack.outcome, 0) + 1
         self._pending_acks.append(ack)

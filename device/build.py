@@ -32,16 +32,19 @@ CALIBRATION_FILE = "calibration.json"
 
 
 def _calibrate(settings: DeviceSettings, inference: DeviceInference,
-               sampler: UncertaintySampler, batch_size: int) -> UncertaintySampler:
-    """Threshold from the configured quantile of source-domain confidences (cached on disk)."""
+               sampler: UncertaintySampler, batch_size: int,
+               adapter_version: int) -> UncertaintySampler:
+    """Threshold from the configured quantile of source-domain confidences of the adapter
+    version now serving (cached on disk per version)."""
     cfg = sampler.config
     if cfg.mode != "threshold" or cfg.threshold is not None:
-        return sampler
+        return sampler  # an explicit threshold always wins
+    key = {"signal": cfg.signal, "quantile": cfg.calibration_quantile,
+           "adapter_version": adapter_version, "n": settings.uplink.calibration_samples}
     path = settings.data_dir / CALIBRATION_FILE
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("signal") == cfg.signal and saved.get("quantile") == \
-                cfg.calibration_quantile:
+        if {k: saved.get(k) for k in key} == key:
             return sampler.calibrated_to(float(saved["threshold"]))
     up = settings.uplink
     src = ProceduralInput(["source"], up.calibration_seed, settings.input.media_kind,
@@ -49,10 +52,10 @@ def _calibrate(settings: DeviceSettings, inference: DeviceInference,
     items = [src.item(i) for i in range(up.calibration_samples)]
     conf = calibration_confidences(inference, sampler, items, batch_size)
     out = sampler.calibrated(conf)
-    path.write_text(json.dumps({"threshold": out.config.threshold, "signal": cfg.signal,
-                                "quantile": cfg.calibration_quantile, "n": len(conf)}))
+    path.write_text(json.dumps({"threshold": out.config.threshold, **key}))
     log.info("calibrated upload threshold", extra={"threshold": out.config.threshold,
-                                                   "samples": len(conf)})
+                                                   "samples": len(conf),
+                                                   "adapter_version": adapter_version})
     return out
 
 
@@ -104,7 +107,12 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
             UpdaterConfig(upd.rollback_margin, upd.max_update_bytes), settings.device_id,
             creds.cloud_public_key, creds.base_model_hash,
             probe=lambda: probe_accuracy(inference, probe_items, m.batch_size))
-        sampler = _calibrate(settings, inference, sampler, m.batch_size)
+        raw_sampler = sampler
+        sampler = _calibrate(settings, inference, raw_sampler, m.batch_size, updater.version)
+
+        def recalibrate() -> UncertaintySampler:
+            return _calibrate(settings, inference, raw_sampler, m.batch_size, updater.version)
+
         inp = settings.input
         source = (FolderInput(inp.folder, inp.limit) if inp.kind == "folder" and inp.folder
                   else ProceduralInput(inp.domains, inp.seed, inp.media_kind, inp.limit, gen))
@@ -122,7 +130,8 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
                     settings.answers_path or settings.data_dir / "answers.jsonl",
                     settings.data_dir / "status.json", options, transport, uploader,
                     updater if upd.enabled else None,
-                    on_status=metrics.update if metrics is not None else None)
+                    on_status=metrics.update if metrics is not None else None,
+                    recalibrate=recalibrate if up.recalibrate else None)
     finally:
         transport.close()
         outbox.close()

@@ -68,6 +68,9 @@ class UplinkSettings(BaseModel):
     calibration_samples: int = Field(default=32, ge=2)
     """Source-domain samples whose confidence quantile becomes the threshold when none is set."""
     calibration_seed: int = 7
+    recalibrate: bool = True
+    """Recompute the threshold (same quantile) whenever an update is applied: a new adapter
+    shifts the confidence scale."""
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     full_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
     batch_samples: int = Field(default=16, ge=1, le=256)

@@ -88,7 +88,8 @@ def test_agent_rejects_tampering_rolls_back_regression_applies_good(tmp_path: Pa
             "insecure": True, "rpc_timeout_s": 10.0, "progress": False,
             "model": {"checkpoint_dir": str(ckpt), "batch_size": 2, "max_new_tokens": 3},
             "input": {"domains": ["source"], "seed": 5, "limit": 120},
-            "sampler_options": {"threshold": 0.0},
+            "sampler_options": {"calibration_quantile": 0.05},
+            "uplink": {"calibration_samples": 8},
             "updates": {"poll_interval_s": 0.05, "probe_folder": str(probe),
                         "rollback_margin": 0.2},
         })
@@ -111,3 +112,5 @@ def test_agent_rejects_tampering_rolls_back_regression_applies_good(tmp_path: Pa
     v1 = load_file(str(data / "adapters" / "v0000000001.safetensors"))
     assert max(float((v1[k] - good[k]).abs().max()) for k in good) < 1e-5
     assert json.loads(proc.stdout.splitlines()[-1])["adapter_version"] == 1
+    # the upload threshold was recalibrated for the adapter now serving
+    assert json.loads((data / "calibration.json").read_text())["adapter_version"] == 1
