@@ -9,7 +9,8 @@ token (fp16), and as every token the compressor kept (int8).
 Part `calibration`: on a mixed stream (source + the four shifted camera domains), the threshold is
 the q-quantile of confidences on separate source data; among uploaded samples, the fraction the
 device answered wrongly vs the base rate (= random selection at the same upload rate, with a
-95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong).
+95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong) (at most 1 / P(wrong)). The official code's
+product of max-probabilities is reported beside the two length-normalised signals.
 
 Part `tokens` (with --teacher): teacher exact-match accuracy when it sees only the uploaded tokens
 chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens.
@@ -61,6 +62,8 @@ def _run_all(inf: DeviceInference, items: list[Any], batch: int) -> list[Inferen
 
 def _conf(r: Inference, signal: str) -> float:
     rec = r.record
+    if signal == "official_product":  # the official code: product of greedy max-probabilities
+        return float(torch.exp(rec.token_logprobs.double().sum()))
     return sequence_confidence(rec.token_logprobs, rec.token_entropy, rec.vocab_size, signal)
 
 
@@ -124,12 +127,13 @@ def calibration_part(cal: list[Inference], res: list[Inference], items: list[Any
     wrong = np.array([r.answer != it.answer for r, it in zip(res, items, strict=True)])
     shifted = np.array([it.meta["domain"] != "source" for it in items])
     out: dict[str, Any] = {"stream_samples": len(items), "base_wrong_rate": float(wrong.mean()),
+                           "max_possible_enrichment": float(1 / max(wrong.mean(), 1e-9)),
                            "accuracy_by_domain": {
                                d: float(1 - wrong[[it.meta["domain"] == d for it in items]].mean())
                                for d in sorted({it.meta["domain"] for it in items})},
                            "signals": {}}
     rng = random.Random(seed)
-    for signal in ("logprob", "entropy"):
+    for signal in ("logprob", "entropy", "official_product"):
         src = np.array([_conf(r, signal) for r in cal])
         conf = np.array([_conf(r, signal) for r in res])
         rows = []
