@@ -9,8 +9,9 @@ token (fp16), and as every token the compressor kept (int8).
 Part `calibration`: on a mixed stream (source + the four shifted camera domains), the threshold is
 the q-quantile of confidences on separate source data; among uploaded samples, the fraction the
 device answered wrongly vs the base rate (= random selection at the same upload rate, with a
-95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong) (at most 1 / P(wrong)). The official code's
-product of max-probabilities is reported beside the two length-normalised signals.
+95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong), at most
+1 / P(wrong). The official code's product of max-probabilities is reported beside the two
+length-normalised signals.
 
 Part `tokens` (with --teacher): teacher exact-match accuracy when it sees only the uploaded tokens
 chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens.
