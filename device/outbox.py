@@ -168,9 +168,6 @@ class Outbox:
         rows = [(s.sample_id, convert.encode_sample_batch(SampleBatch(batch.adapter_version, (s,))))
                 for s in batch.samples]
         need = sum(len(p) for _, p in rows)
-        if need > self.config.max_bytes:
-            raise StoreFullError(f"samples need {need} bytes, outbox budget is "
-                                 f"{self.config.max_bytes}")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -194,6 +191,11 @@ class Outbox:
         return len(rows)
 
     def _make_room(self, need: int, n_new: int) -> bool:
+        if need > self.config.max_bytes:  # could never fit: evicting others would not help
+            self._bump("rejected_new", n_new)
+            log.warning("samples larger than the whole outbox budget: rejected",
+                        extra={"samples": n_new, "bytes": need})
+            return False
         free = self.config.max_bytes - self._stored_bytes()
         if need <= free:
             return True

@@ -76,6 +76,12 @@ def test_reject_new_is_counted_and_raises(tmp_path: Path) -> None:
     with pytest.raises(StoreFullError, match="rejected 1"):
         ob.enqueue(_batch(1), cursor=("src", 2))
     assert ob.counters()["rejected_new"] == 1 and ob.cursor("src") == 2
+    # a sample larger than the whole budget is refused (counted), never evicting the others
+    big = Outbox(tmp_path / "b.db", OutboxConfig(max_bytes=int(one * 1.5)))
+    big.enqueue(_batch(0))
+    with pytest.raises(StoreFullError):
+        big.enqueue(_batch(1, 2))
+    assert big.counters()["rejected_new"] == 2 and big.depth() == (1, 0)
 
 
 def test_outage_and_lost_receipt_deliver_each_sample_once(tmp_path: Path) -> None:
