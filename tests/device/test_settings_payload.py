@@ -88,3 +88,26 @@ def test_prometheus_gauges_mirror_status() -> None:
     assert "cdca_device_samples_seen 12.0" in text and "cdca_device_adapter_version 2.0" in text
     with pytest.raises(ConfigError, match="metrics_address"):
         DeviceMetrics("nowhere")
+
+
+def test_load_media_decodes_png_and_mp4(tmp_path: Path) -> None:
+    import av
+    from PIL import Image
+
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[:, :16] = (200, 30, 30)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    png = load_media(tmp_path / "a.png")
+    assert png.shape == (1, 32, 48, 3) and png[0, 0, 0].tolist() == [200, 30, 30]
+    with av.open(str(tmp_path / "v.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for i in range(6):
+            frame = np.full((32, 48, 3), 40 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    vid = load_media(tmp_path / "v.mp4")
+    assert vid.shape == (6, 32, 48, 3) and vid.dtype == torch.uint8
+    assert abs(int(vid[5].float().mean()) - 200) < 12  # lossy codec, brightness kept
