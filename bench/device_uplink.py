@@ -13,8 +13,9 @@ device answered wrongly vs the base rate (= random selection at the same upload 
 1 / P(wrong). The official code's product of max-probabilities is reported beside the two
 length-normalised signals.
 
-Part `tokens` (with --teacher): teacher exact-match accuracy when it sees only the uploaded tokens
-chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens.
+Part `tokens`: the student (and, with --teacher, the teacher) reading only the uploaded tokens
+chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens:
+exact-match accuracy and agreement with its own answer on all kept tokens.
 
 Usage:
     python -m bench.device_uplink --student zoo/default/student --teacher zoo/default/teacher \
@@ -174,25 +175,33 @@ class _FixedKeep:
 
 def tokens_part(teacher_dir: Path, items: list[Any], res: list[Inference], budget: int,
                 seed: int) -> dict[str, Any]:
-    """Teacher accuracy on the uploaded tokens: attention top-k vs random k vs all kept."""
+    """A model reading only the uploaded tokens: attention top-k vs random k vs all kept.
+
+    Reports exact-match accuracy and agreement with the same model's answer on all kept tokens
+    (how much of the evidence for that answer the k tokens carry)."""
     teacher = load_student(StudentConfig(teacher_dir, attention_scores=False))
     fixed = _FixedKeep()
     cv = CompressedVLM(teacher.model, fixed)
     g = torch.Generator().manual_seed(seed)
     dim = int(res[0].features.shape[1])
     hits: dict[str, list[bool]] = {"attention": [], "random": [], "all_kept": []}
+    agree: dict[str, list[bool]] = {"attention": [], "random": []}
     for it, r in zip(items, res, strict=True):
         k = r.record.keep
         idx = tokens_within_budget(r.record.token_scores, token_bytes(dim, "int8"), budget)
         rnd = torch.sort(torch.randperm(k.numel(), generator=g)[:idx.numel()]).values
-        for name, keep in (("attention", k[idx]), ("random", k[rnd]), ("all_kept", k)):
+        answers = {}
+        for name, keep in (("all_kept", k), ("attention", k[idx]), ("random", k[rnd])):
             fixed.plans = [keep]
             gen = cv.generate(teacher.processor(([it.frames], [it.question])), max_new_tokens=3,
                               do_sample=False)
-            ans = teacher.processor.decode_answers(gen.new_tokens)[0]
-            hits[name].append(ans == it.answer)
-    return {"token_budget_bytes": budget, "samples": len(items),
-            **{f"teacher_accuracy_{k}": float(np.mean(v)) for k, v in hits.items()}}
+            answers[name] = teacher.processor.decode_answers(gen.new_tokens)[0]
+            hits[name].append(answers[name] == it.answer)
+        for name in agree:
+            agree[name].append(answers[name] == answers["all_kept"])
+    return {"model": str(teacher_dir), "token_budget_bytes": budget, "samples": len(items),
+            **{f"accuracy_{k}": float(np.mean(v)) for k, v in hits.items()},
+            **{f"agreement_with_all_kept_{k}": float(np.mean(v)) for k, v in agree.items()}}
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", type=int, default=100)
     p.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--budgets", type=int, nargs="+", default=[420, 840, 1680, 3360])
-    p.add_argument("--teacher-samples", type=int, default=60)
+    p.add_argument("--teacher-samples", type=int, default=100)
     p.add_argument("--keep-ratio", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -263,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": bytes_part(inf, items, res, args.budgets),
         "calibration": calibration_part(cal, res, items, args.quantiles, args.seed),
     }
-    if args.teacher is not None:
-        n = args.teacher_samples
-        report["tokens"] = tokens_part(args.teacher, items[:n], res[:n], args.budgets[1],
-                                       args.seed)
+    n = args.teacher_samples
+    for role, path in (("student", args.student), ("teacher", args.teacher)):
+        if path is not None:
+            report[f"tokens_{role}"] = tokens_part(path, items[:n], res[:n], args.budgets[1],
+                                                   args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_uplink.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, args.out / "device_uplink.png")
