@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from cloud.distill.adapters import LoRASpec, attach_lora, student_lora_config
-from cloud.distill.akd import AdapterDistiller, AKDConfig, label
-from cloud.distill.base import Distiller, DistillResult, DistillSample, TeacherLabel
+from cloud.distill.akd import AdapterDistiller, AKDConfig, SingleProcess, label
+from cloud.distill.base import (
+    DataParallel,
+    Distiller,
+    DistillResult,
+    DistillSample,
+    TeacherLabel,
+)
 from cloud.distill.prompt import PromptFormatter
 from shared.registry import Registry
 
@@ -12,6 +18,7 @@ DISTILLERS: Registry[Distiller] = Registry("distiller")
 DISTILLERS.register("akd", AKDConfig, AdapterDistiller)
 
 __all__ = [
-    "AKDConfig", "AdapterDistiller", "DISTILLERS", "DistillResult", "DistillSample", "Distiller",
-    "LoRASpec", "PromptFormatter", "TeacherLabel", "attach_lora", "label", "student_lora_config",
+    "AKDConfig", "AdapterDistiller", "DISTILLERS", "DataParallel", "DistillResult",
+    "DistillSample", "Distiller", "LoRASpec", "PromptFormatter", "SingleProcess", "TeacherLabel",
+    "attach_lora", "label", "student_lora_config",
 ]

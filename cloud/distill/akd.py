@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cloud.distill import losses
-from cloud.distill.base import DistillResult, DistillSample, TeacherLabel
+from cloud.distill.base import DataParallel, DistillResult, DistillSample, TeacherLabel
 from cloud.distill.prompt import PackedBatch, PromptFormatter, pack
 from shared.errors import ConfigError
 
@@ -186,6 +186,7 @@ class AdapterDistiller:
         labels: Sequence[TeacherLabel] | None = None,
         replay_labels: Sequence[TeacherLabel] | None = None, start_step: int = 0,
         on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+        parallel: DataParallel | None = None,
     ) -> DistillResult:
         """Train the student's LoRA weights on `samples` (+ replay) and return them.
 
@@ -200,10 +201,18 @@ class AdapterDistiller:
                 same as in an uninterrupted run, the optimizer moments start afresh.
             on_step: called after each step with (step, losses), e.g. to checkpoint; an
                 exception it raises stops the round.
+            parallel: data parallelism across processes (None: this process alone). Every rank
+                draws the same global batch and trains on its strided share; the loss is
+                normalised by the global token counts, so after the gradient average the update
+                equals the single-process one on the whole batch.
         """
         cfg = self.config
+        par = parallel if parallel is not None else SingleProcess()
         if not samples:
             raise ConfigError("`samples` is empty; nothing to distil")
+        if cfg.batch_size < par.world_size:
+            raise ConfigError(f"`batch_size` ({cfg.batch_size}) must be >= the world size "
+                              f"({par.world_size}): every rank needs a share of each batch")
         labels = self._labels(teacher, samples, labels, formatter, "labels")
         replay_labels = self._labels(teacher, replay, replay_labels, formatter, "replay_labels")
         params = self._trainable(student)
@@ -220,22 +229,30 @@ class AdapterDistiller:
         gen = torch.Generator().manual_seed(cfg.seed)
         n_replay = round(cfg.batch_size * cfg.replay_ratio) if replay else 0
         history: list[dict[str, float]] = []
+        objective = _Objective(cfg, student, projection, formatter)
+        model = par.wrap(objective)
         was_training = student.training
-        student.train()
+        objective.train()
         start = time.monotonic()
         try:
-            for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc="akd"):
+            for step in tqdm(range(cfg.steps), disable=not cfg.progress or par.rank > 0,
+                             desc="akd"):
                 pick = torch.randint(len(samples), (cfg.batch_size - n_replay,), generator=gen)
                 pick_r = torch.randint(max(len(replay), 1), (n_replay,), generator=gen)
                 if step < start_step:
                     continue  # replay the draw so a resumed run sees the same batches
                 batch = [samples[i] for i in pick] + [replay[i] for i in pick_r]
                 batch_labels = [labels[i] for i in pick] + [replay_labels[i] for i in pick_r]
-                loss, parts = self._loss(student, projection, formatter, batch, batch_labels)
+                share = slice(par.rank, None, par.world_size)
+                fractions = _fractions(cfg, batch, batch_labels, share)
+                loss, parts_t = model(batch[share], batch_labels[share], fractions,
+                                      float(par.world_size))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # DDP averages the gradients across ranks here
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                parts_t = par.all_sum(parts_t.detach())  # (4,) global batch means
+                parts = dict(zip(PARTS, (float(v) for v in parts_t), strict=True))
                 history.append(parts)
                 if on_step is not None:
                     on_step(step, parts)
@@ -276,13 +293,64 @@ class AdapterDistiller:
             raise ConfigError(f"only LoRA weights may train, but these are trainable: {stray[:5]}")
         return [p for _, p in named]
 
-    def _loss(
-        self, student: nn.Module, projection: nn.Module, formatter: PromptFormatter,
-        samples: Sequence[DistillSample], labels: Sequence[TeacherLabel],
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.config
+
+PARTS = ("loss", "ce", "kl", "feature")
+
+
+class SingleProcess:
+    """`DataParallel` of a process that trains alone (the embedded cloud-server default)."""
+
+    rank = 0
+    world_size = 1
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module itself."""
+        return module
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The values themselves."""
+        return values
+
+
+def _feature_rows(cfg: AKDConfig, sample: DistillSample, lab: TeacherLabel) -> int:
+    return lab.answer_ids.numel() + (sample.visual_tokens.shape[0] if cfg.feature_on_visual
+                                     else 0)
+
+
+def _fractions(
+    cfg: AKDConfig, batch: Sequence[DistillSample], labels: Sequence[TeacherLabel], share: slice,
+) -> tuple[float, float]:
+    """(answer tokens, feature rows) of this rank's share over those of the whole batch."""
+    tokens = [lab.answer_ids.numel() for lab in labels]
+    rows = [_feature_rows(cfg, s, lab) for s, lab in zip(batch, labels, strict=True)]
+    return sum(tokens[share]) / sum(tokens), sum(rows[share]) / sum(rows)
+
+
+class _Objective(nn.Module):
+    """Student + feature projection with the AKD loss as `forward`: the unit DDP wraps, so the
+    gradients of the LoRA weights and of the projection are both averaged across ranks."""
+
+    def __init__(self, cfg: AKDConfig, student: nn.Module, projection: nn.Module,
+                 formatter: PromptFormatter) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.projection = projection
+        self.formatter = formatter
+
+    def forward(
+        self, samples: Sequence[DistillSample], labels: Sequence[TeacherLabel],
+        fractions: tuple[float, float], world_size: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, (4,) this rank's share of the batch means of PARTS).
+
+        Each term is a mean over this rank's tokens times this rank's share of the batch's
+        tokens, so the shares sum to the batch mean; times `world_size` because DDP averages.
+        """
+        cfg = self.cfg
+        student = self.student
         dev = _device(student)
-        batch = pack(formatter, [s.question for s in samples],
+        batch = pack(self.formatter, [s.question for s in samples],
                      [s.visual_tokens.shape[0] for s in samples], [t.answer_ids for t in labels])
         logits, hidden = _forward(student, batch, samples)  # (B, L, V), (B, L, Ds)
         s_logits = torch.cat([logits[i, p] for i, p in enumerate(batch.answer_positions)])
@@ -298,13 +366,14 @@ class AdapterDistiller:
             else:
                 s_feat.append(hidden[i, p_a])  # (A, Ds)
                 t_feat.append(t.hidden[k:])
-        ce = losses.answer_cross_entropy(s_logits, targets)
-        kl = losses.distillation_kl(s_logits, t_logits, cfg.temperature)
-        feat = losses.feature_mse(torch.cat(s_feat), torch.cat(t_feat).to(dev), projection)
+        token_share, row_share = fractions
+        ce = losses.answer_cross_entropy(s_logits, targets) * token_share
+        kl = losses.distillation_kl(s_logits, t_logits, cfg.temperature) * token_share
+        feat = losses.feature_mse(torch.cat(s_feat), torch.cat(t_feat).to(dev),
+                                  self.projection) * row_share
         total = cfg.ce_weight * ce + cfg.kl_weight * kl + cfg.feature_weight * feat
-        parts = {name: float(v.detach()) for name, v in
-                 (("loss", total), ("ce", ce), ("kl", kl), ("feature", feat))}
-        return total, parts
+        parts = torch.stack([total, ce, kl, feat]).detach().float().cpu()  # (4,)
+        return total * world_size, parts
 
 
 def _summary(

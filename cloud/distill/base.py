@@ -99,6 +99,22 @@ class DistillResult:
     """Per optimizer step: total and each loss part."""
 
 
+class DataParallel(Protocol):
+    """How a fit shares each batch with its peer processes (cloud.distributed implements it
+    with torch DDP; `cloud.distill.akd.SingleProcess` is the one-process default)."""
+
+    rank: int
+    world_size: int
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """The module to call for the loss; its backward leaves rank-averaged gradients."""
+        ...
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum of a small CPU tensor over all ranks (for logged figures)."""
+        ...
+
+
 class Distiller(Protocol):
     """Distils a teacher into a student's adapters on uploaded samples."""
 
@@ -108,6 +124,7 @@ class Distiller(Protocol):
         labels: Sequence[TeacherLabel] | None = None,
         replay_labels: Sequence[TeacherLabel] | None = None, start_step: int = 0,
         on_step: Callable[[int, Mapping[str, float]], None] | None = None,
+        parallel: DataParallel | None = None,
     ) -> DistillResult:
         """Train the student's adapters; return their weights and the loss curve."""
         ...
