@@ -1,0 +1,1 @@
+"""Media for the VLMs: procedural QA scenes with camera domains, real-file loading, frame prep."""

@@ -1,0 +1,277 @@
+"""Staged training of a zoo's teacher and student from random init (CPU, minutes).
+
+Stage A trains the vision tower + projector alone with a linear head on the post-projector,
+post-pooling tokens (one token per 16 px cell): per cell the shape class present, the object's
+observed colour and centre; per frame the progress-bar time and the observed background colour.
+The targets are appearance, not names: naming colours under a camera's shift is the language
+model's job, which is what makes a `source`-only student fail on shifted domains.
+Stage B freezes tower + projector, caches their tokens and trains the teacher's language model on
+all domains; stage C copies the same frozen visual weights into the student and trains its
+smaller language model on `source` only. Both go through `forward(mm_encoder_outputs=...)`,
+the path the cloud uses for tokens uploaded by a device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from shared.media import procedural as P
+from shared.media.frames import normalize
+from shared.models.architectures import (
+    as_encoder_outputs,
+    encode_visual,
+    pixel_keys,
+    visual_hash,
+    visual_state,
+)
+from shared.models.processor import VLMProcessor
+
+log = logging.getLogger(__name__)
+_N_CLASS = len(P.SHAPE_CLASSES)
+# head outputs per token: class logits | object rgb (3) | centre (2) | time (1) | background (3)
+_HEAD_OUT = _N_CLASS + 3 + 2 + 1 + 3
+
+
+@dataclass(frozen=True, slots=True)
+class StageSchedule:
+    """One optimisation stage."""
+
+    steps: int
+    lr: float
+    batch: int
+    warmup: int = 20
+
+
+def _lr_lambda(s: StageSchedule) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < s.warmup:
+            return (step + 1) / s.warmup
+        frac = (step - s.warmup) / max(1, s.steps - s.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    return f
+
+
+# ----------------------------------------------------------------------------- stage A
+
+
+def frame_targets(samples: Sequence[P.QASample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame, per-cell appearance targets of stage A.
+
+    Returns:
+        frames: uint8 (N, S, S, 3), all frames of all samples in order.
+        targets: float32 (N, C, 1 + 3 + 2 + 1 + 3 + 3): class id, object rgb, centre, time,
+            background rgb, and masks (has object, is video, 1); C = cells per frame.
+    """
+    frames_out, targets_out = [], []
+    for s in samples:
+        fr = s.frames.float() / 255.0  # (F, S, S, 3)
+        nf, size = fr.shape[0], fr.shape[1]
+        grid = size // P.CELL
+        tgt = torch.zeros(nf, grid * grid, 13)
+        omap = s.object_map.long()  # (F, S, S)
+        scene = omap[:, : size - 3] < 0  # background pixels above the progress bar
+        bg = (fr[:, : size - 3] * scene[..., None]).sum((1, 2)) / scene.sum((1, 2)).clamp(
+            min=1)[:, None]  # (F, 3)
+        tgt[:, :, 6] = torch.linspace(0, 1, nf)[:, None] if nf > 1 else 0.0
+        tgt[:, :, 7:10] = bg[:, None, :]
+        tgt[:, :, 11] = 1.0 if nf > 1 else 0.0
+        tgt[:, :, 12] = 1.0
+        k = len(s.objects)
+        masks = (omap[None] == torch.arange(k).view(k, 1, 1, 1)).float()  # (K, F, S, S)
+        area = masks.sum((2, 3))  # (K, F)
+        rgb = torch.einsum("kfhw,fhwc->kfc", masks, fr) / area.clamp(min=1)[..., None]
+        centers = torch.from_numpy(np.stack([o.centers for o in s.objects]))  # (K, F, 2)
+        cell_xy = (centers // P.CELL).long().clamp(0, grid - 1)
+        cell = cell_xy[..., 1] * grid + cell_xy[..., 0]  # (K, F)
+        cls = torch.tensor([P.SHAPE_CLASSES.index(o.shape) for o in s.objects],
+                           dtype=torch.float).view(k, 1).expand(k, nf)
+        kk, tt = (area > 0).nonzero(as_tuple=True)  # visible (object, frame) pairs
+        cc = cell[kk, tt]
+        tgt[tt, cc, 0] = cls[kk, tt]
+        tgt[tt, cc, 1:4] = rgb[kk, tt]
+        tgt[tt, cc, 4:6] = centers[kk, tt] / size
+        tgt[tt, cc, 10] = 1.0
+        frames_out.append(s.frames)
+        targets_out.append(tgt)
+    return torch.cat(frames_out), torch.cat(targets_out)
+
+
+def _unit_tokens(model: PreTrainedModel, pixels: torch.Tensor, arch: str) -> torch.Tensor:
+    """Post-projector tokens per cell for a batch of frame units.
+
+    pixels: (U, T, 3, S, S) with T = 1 (LLaVA-OV) or 2 (Qwen2-VL temporal pair).
+    Returns (U, C, D).
+    """
+    u, t, _, s, _ = pixels.shape
+    if arch == "llava_onevision":
+        feats = model.model.get_video_features(pixels, return_dict=True).pooler_output
+        return feats[:, :-1]  # (U, C, D): drop the closing newline token
+    grid = s // model.config.vision_config.patch_size
+    proc_cfg = model.config.vision_config
+    p, tp, m = proc_cfg.patch_size, proc_cfg.temporal_patch_size, proc_cfg.spatial_merge_size
+    x = pixels.reshape(u, 1, tp, 3, grid // m, m, p, grid // m, m, p)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # Qwen2-VL patch order, per unit
+    flat = x.reshape(u * grid * grid, 3 * tp * p * p)
+    thw = torch.tensor([[1, grid, grid]] * u, dtype=torch.long)
+    feats = model.model.get_video_features(flat, thw, return_dict=True).pooler_output
+    return torch.stack(list(feats))  # (U, C, D)
+
+
+def train_vision(model: PreTrainedModel, processor: VLMProcessor,
+                 samples: Sequence[P.QASample], sched: StageSchedule, seed: int,
+                 progress: bool = True) -> dict[str, float]:
+    """Stage A: train tower + projector with the appearance head; returns final loss parts."""
+    arch = processor.config.architecture
+    frames, targets = frame_targets(samples)  # (N, S, S, 3), (N, C, 13)
+    unit = 2 if arch == "qwen2_vl" else 1
+    n_units = frames.shape[0] // unit
+    frames = frames[: n_units * unit].reshape(n_units, unit, *frames.shape[1:])
+    targets = targets[: n_units * unit].reshape(n_units, unit, *targets.shape[1:])
+    dim = model.config.text_config.hidden_size
+    head = nn.Linear(dim, _HEAD_OUT)
+    params = [p for k, p in model.named_parameters()
+              if k.startswith(("model.vision_tower.", "model.multi_modal_projector.",
+                               "model.visual."))]
+    opt = torch.optim.AdamW([*params, *head.parameters()], lr=sched.lr, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    cfg = processor.config
+    parts: dict[str, float] = {}
+    bar = tqdm(range(sched.steps), desc="stage A vision", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(0, n_units, (sched.batch,), generator=gen)
+        fr = frames[idx]  # (U, T, S, S, 3)
+        px = normalize(fr.flatten(0, 1), cfg.image_mean, cfg.image_std)  # (U*T, 3, S, S)
+        px = px.view(fr.shape[0], unit, *px.shape[1:])  # (U, T, 3, S, S)
+        tgt = targets[idx]  # (U, T, C, 13)
+        # a temporal pair's token sees both frames: class from the frame with the object
+        # (the later one wins ties), regression targets averaged over the pair
+        cls = tgt[..., 0].long().amax(1)  # (U, C)
+        has = tgt[..., 10].amax(1)  # (U, C)
+        reg = tgt[..., 1:10].mean(1)  # (U, C, 9)
+        is_video = tgt[..., 11].amax(1)
+        out = head(_unit_tokens(model, px, arch))  # (U, C, H)
+        l_cls = F.cross_entropy(out[..., :_N_CLASS].flatten(0, 1), cls.flatten())
+        mse = (out[..., _N_CLASS:] - reg) ** 2  # (U, C, 9)
+        l_obj = (mse[..., 0:5].mean(-1) * has).sum() / has.sum().clamp(min=1)
+        l_time = (mse[..., 5] * is_video).sum() / is_video.sum().clamp(min=1)
+        l_bg = mse[..., 6:9].mean()
+        loss = l_cls + 10 * l_obj + 3 * l_time + 10 * l_bg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        parts = {"cls": l_cls.item(), "obj": l_obj.item(), "time": l_time.item(),
+                 "bg": l_bg.item()}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+    model.eval()
+    return parts
+
+
+# ----------------------------------------------------------------------------- stages B, C
+
+
+@torch.no_grad()
+def cache_visual_tokens(model: PreTrainedModel, processor: VLMProcessor,
+                        samples: Sequence[P.QASample], batch_size: int = 64,
+                        progress: bool = True) -> list[torch.Tensor]:
+    """Frozen post-projector tokens (N_i, D) for every sample, in order."""
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    model.eval()
+    for kind in ("video", "image"):
+        idx = [i for i, s in enumerate(samples) if s.media_kind == kind]
+        for start in tqdm(range(0, len(idx), batch_size), desc=f"cache {kind} tokens",
+                          disable=not progress, leave=False):
+            chunk = idx[start:start + batch_size]
+            feats = encode_visual(model, pixel_keys(processor([samples[i] for i in chunk])))
+            for i, f in zip(chunk, feats[kind], strict=True):
+                out[i] = f.clone()
+    return out  # type: ignore[return-value]
+
+
+def train_language(model: PreTrainedModel, processor: VLMProcessor,
+                   samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
+                   sched: StageSchedule, seed: int, desc: str,
+                   progress: bool = True) -> float:
+    """Stages B/C: train the language model on cached visual tokens; returns the final loss.
+
+    Each step draws one media kind (by its share of `samples`) and a batch of that kind.
+    """
+    pools: dict[str, list[int]] = {"video": [], "image": []}
+    for i, s in enumerate(samples):
+        pools[s.media_kind].append(i)
+    kinds = [k for k, v in pools.items() if v]
+    weights = torch.tensor([len(pools[k]) for k in kinds], dtype=torch.float)
+    params = [p for k, p in model.named_parameters()
+              if k.startswith(("model.language_model.", "lm_head."))]
+    for k, p in model.named_parameters():
+        p.requires_grad_(k.startswith(("model.language_model.", "lm_head.")))
+    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=0.01)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    ema = float("nan")
+    bar = tqdm(range(sched.steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        kind = kinds[int(torch.multinomial(weights, 1, generator=gen))]
+        pool = pools[kind]
+        pick = [pool[int(j)] for j in torch.randint(0, len(pool), (sched.batch,), generator=gen)]
+        batch = [samples[i] for i in pick]
+        text = processor.text_inputs([s.question for s in batch], [s.answer for s in batch],
+                                     kind)
+        grid_key = "video_grid_thw" if kind == "video" else "image_grid_thw"
+        if processor.config.architecture == "qwen2_vl":
+            g = processor.config.image_size // processor.config.patch_size
+            t = processor.config.num_frames // 2 if kind == "video" else 1
+            text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
+        enc = as_encoder_outputs(model, {kind: [tokens[i] for i in pick]})
+        loss = model(**text, mm_encoder_outputs=enc).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return ema
+
+
+def copy_visual(src: PreTrainedModel, dst: PreTrainedModel) -> str:
+    """Copy the shared vision tower + projector from `src` into `dst`; returns their hash."""
+    state = visual_state(src)
+    missing = set(state) - set(dst.state_dict())
+    if missing:
+        raise KeyError(f"student lacks visual parameters {sorted(missing)[:3]}...")
+    dst.load_state_dict(state, strict=False)
+    h_src, h_dst = visual_hash(src), visual_hash(dst)
+    if h_src != h_dst:
+        raise RuntimeError("visual weights differ after copy")
+    return h_src
+
+
+class Stopwatch:
+    """Named wall-clock durations of the training stages."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = round(now - self._t, 2)
+        self._t = now
