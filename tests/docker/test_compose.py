@@ -13,9 +13,12 @@ import os
 import re
 import runpy
 import shlex
+import shutil
+import subprocess
 import sys
 import tomllib
 import warnings
+import zipfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from functools import cache
@@ -425,3 +428,33 @@ def test_the_zoo_job_publishes_where_the_devices_load_from() -> None:
         assert mounts(svc)[target].get("read_only")
         ckpt = svc["environment"]["CDCA_DEVICE_MODEL__CHECKPOINT_DIR"]
         assert Path(ckpt) == Path(target) / name / "student"
+
+
+def test_the_copied_files_are_enough_to_build_the_project(tmp_path: Path) -> None:
+    # What the images' COPY lines bring into /opt/cdca, built offline into a wheel.
+    context = tmp_path / "opt-cdca"
+    steps = instructions(DOCKERFILES["cloud"])
+    for word, rest in steps:
+        if word == "COPY":
+            *sources, _dest = shlex.split(rest)
+            for src in sources:
+                if (ROOT / src).is_dir():
+                    shutil.copytree(ROOT / src, context / src,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    context.mkdir(exist_ok=True)
+                    shutil.copy2(ROOT / src, context / src)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "-w", str(tmp_path / "dist"), str(context)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_NO_INPUT": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("cdca-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for module in ("shared/certs.py", "cloud/healthcheck.py", "cloud/__main__.py",
+                   "device/__main__.py"):
+        assert module in names
+    for script in _scripts():
+        assert f"{script} = " in entry_points
