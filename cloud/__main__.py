@@ -9,11 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from cloud.keys import load_or_create_signing_key, public_key_bytes
-from cloud.server import CloudServer
-from cloud.servicer import SyncServicer
 from cloud.settings import CloudSettings
-from cloud.store import Store
 from shared.errors import ConfigError
 from shared.logging import setup_logging
 from shared.settings import load_settings
@@ -21,24 +17,20 @@ from shared.settings import load_settings
 log = logging.getLogger("cloud")
 
 
-def _serve(settings: CloudSettings, port_file: Path | None) -> int:
-    if settings.tls is None and not settings.insecure:
-        raise ConfigError("field `tls`: missing; set `tls` or `insecure = true` explicitly")
-    store = Store(settings.data_dir)
-    key = load_or_create_signing_key(settings.data_dir / "signing_key.pem")
-    servicer = SyncServicer(
-        store, settings.enrollment_secret.get_secret_value(), public_key_bytes(key), ""
-    )
-    server = CloudServer(servicer, settings.listen_address, settings.max_workers)
-    if port_file is not None:
-        port_file.write_text(f"{server.port}\n")
+def _serve(settings: CloudSettings, port_file: Path | None, metrics_port_file: Path | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from cloud.app import CloudApp  # torch & co. load only once the settings are known good
+
+    app = CloudApp(settings)
+    if metrics_port_file is not None and app.metrics_port is not None:
+        metrics_port_file.write_text(f"{app.metrics_port}\n")
+    if port_file is not None:
+        port_file.write_text(f"{app.port}\n")
     stop.wait()
     log.info("signal received, draining", extra={"grace_s": settings.grace_s})
-    server.stop(settings.grace_s)
-    store.close()
+    app.stop(settings.grace_s)
     return 0
 
 
@@ -49,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gRPC daemon until SIGTERM")
     serve.add_argument("--config", type=Path, help="TOML settings file (env CDCA_CLOUD_* wins)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    serve.add_argument("--metrics-port-file", type=Path,
+                       help="write the bound Prometheus port here once serving")
     args = parser.parse_args(argv)
     try:
         settings = load_settings(CloudSettings, args.config)
         setup_logging(settings.log_level, settings.log_json)
-        return _serve(settings, args.port_file)
+        return _serve(settings, args.port_file, args.metrics_port_file)
     except ConfigError as e:
         sys.stderr.write(f"cloud-server: configuration error: {e}\n")
         return 2

@@ -1,4 +1,9 @@
-"""Build, start and stop the cloud gRPC server: SyncService + health + reflection, graceful drain."""
+"""Build, start and stop the cloud gRPC server: SyncService + health + reflection, graceful drain.
+
+TLS (or mutual TLS) comes from the configured files; plaintext only when `insecure` is set.
+Messages are capped just above one chunk (payloads are streamed in <= 1 MiB chunks), and the
+number of concurrent calls is bounded.
+"""
 
 from __future__ import annotations
 
@@ -10,36 +15,74 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cloud.servicer import SyncServicer
+from cloud.settings import TlsSettings
+from shared.errors import ConfigError
 from shared.pb.v1 import sync_pb2, sync_pb2_grpc
+from shared.wire.chunking import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name
+MAX_MESSAGE_BYTES = CHUNK_BYTES + 64 * 1024  # one chunk plus its header fields
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; a client CA makes client certificates mandatory."""
+    try:
+        pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+        client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    except OSError as e:
+        raise ConfigError(f"field `tls`: cannot read {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 class CloudServer:
     """A started gRPC server; `stop()` drains it."""
 
-    def __init__(self, servicer: SyncServicer, listen_address: str, max_workers: int) -> None:
+    def __init__(
+        self, servicer: SyncServicer, listen_address: str, max_workers: int,
+        tls: TlsSettings | None = None, max_concurrent_rpcs: int | None = None,
+    ) -> None:
         self._servicer = servicer
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # Drop connections that sit idle, and probe live ones, so dead peers free slots.
+                ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
+                ("grpc.keepalive_time_ms", 60 * 1000),
+                ("grpc.keepalive_timeout_ms", 20 * 1000),
+            ],
+        )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(listen_address)
+        if tls is None:
+            self.port = self._server.add_insecure_port(listen_address)
+        else:
+            self.port = self._server.add_secure_port(listen_address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"could not bind {listen_address}")
         self._server.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"address": listen_address, "port": self.port})
+        log.info("serving", extra={"address": listen_address, "port": self.port,
+                                   "tls": "off" if tls is None else
+                                   ("mutual" if tls.client_ca_file else "server")})
 
-    def stop(self, grace_s: float) -> None:
-        """Flip health to NOT_SERVING, refuse new work, let in-flight calls finish."""
+    def enter_drain(self) -> None:
+        """Announce NOT_SERVING (probes and load balancers stop routing) and refuse new work."""
         self._health.enter_graceful_shutdown()
         self._servicer.draining = True
+
+    def stop(self, grace_s: float) -> None:
+        """Drain: flip health, refuse new calls, let in-flight calls finish within `grace_s`."""
+        self.enter_drain()
         self._server.stop(grace_s).wait()
         log.info("stopped")

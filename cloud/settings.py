@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -17,6 +18,59 @@ class TlsSettings(BaseModel):
     cert_file: Path
     key_file: Path
     client_ca_file: Path | None = None
+    bind_client_cert: bool = True
+    """With mutual TLS, a client certificate's common name must equal the device id it acts as."""
+
+
+class LimitSettings(BaseModel):
+    """What one upload, one device and one connection may cost."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_payload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Size of one serialized SampleBatch."""
+    max_samples: int = Field(default=256, ge=1)
+    """Samples per upload."""
+    max_tokens: int = Field(default=16384, ge=1)
+    """Visual tokens K per sample."""
+    max_dim: int = Field(default=8192, ge=1)
+    """Token width D."""
+    max_text_chars: int = Field(default=4096, ge=1)
+    """Question and answer length."""
+    max_frames: int = Field(default=64, ge=1)
+    """Raw frames per sample."""
+    max_frame_side: int = Field(default=1024, ge=1)
+    """Raw frame height and width."""
+    max_pending_samples: int = Field(default=10_000, ge=1)
+    """Per-device quota of samples waiting for distillation (RESOURCE_EXHAUSTED beyond)."""
+    max_pending_bytes: int = Field(default=1 << 30, ge=1)
+    """Per-device quota of blob bytes waiting for distillation."""
+    upload_timeout_s: float = Field(default=300.0, gt=0)
+    """Server-side bound on one upload stream (DEADLINE_EXCEEDED beyond)."""
+    max_concurrent_rpcs: int = Field(default=64, ge=1)
+    """Further calls are refused with RESOURCE_EXHAUSTED."""
+
+
+class WorkerSettings(BaseModel):
+    """The distillation worker: when rounds run, what trains, how updates are encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    trainer: str = "tiny-kd"
+    """Registry key in cloud.trainers.TRAINERS."""
+    trainer_options: dict[str, Any] = {}
+    codec: str = "dwc"
+    """Registry key in shared.codec.CODECS."""
+    codec_options: dict[str, Any] = {}
+    cohort: Literal["device", "fleet"] = "device"
+    """One adapter lineage per device, or one shared by the whole fleet."""
+    threshold_samples: int = Field(default=32, ge=1)
+    """Unclaimed samples of a cohort that start a round at once."""
+    schedule_s: float | None = Field(default=300.0, gt=0)
+    """Also start a round this often for any cohort with `min_samples`; None disables."""
+    min_samples: int = Field(default=1, ge=1)
+    max_samples_per_job: int = Field(default=1024, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    """Starts of a job (crashes included) before it is marked failed."""
 
 
 class CloudSettings(CdcaSettings):
@@ -41,5 +95,7 @@ class CloudSettings(CdcaSettings):
     """gRPC handler threads."""
     metrics_address: str | None = None
     """host:port for Prometheus metrics; None disables."""
+    limits: LimitSettings = LimitSettings()
+    worker: WorkerSettings = WorkerSettings()
     log_level: str = "INFO"
     log_json: bool = False

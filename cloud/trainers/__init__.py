@@ -1,0 +1,11 @@
+"""Trainer plug-ins of the distillation worker, registered explicitly (see base.py)."""
+
+from cloud.trainers.base import JobContext, JobInterrupted, Trainer, TrainResult
+from cloud.trainers.tiny import TinyKdConfig, TinyKdTrainer
+from shared.registry import Registry
+
+TRAINERS: Registry[Trainer] = Registry("trainer")
+TRAINERS.register("tiny-kd", TinyKdConfig, TinyKdTrainer)
+
+__all__ = ["TRAINERS", "JobContext", "JobInterrupted", "TinyKdConfig", "TinyKdTrainer",
+           "TrainResult", "Trainer"]
