@@ -136,7 +136,7 @@ def test_a_device_cannot_act_with_another_devices_certificate(stack: Stack) -> N
 
 def test_the_server_name_is_checked(stack: Stack) -> None:
     env = {**_device_env(DEVICES[0], stack), "CDCA_DEVICE_TLS__SERVER_NAME": "not-the-cloud",
-           "CDCA_DEVICE_RPC_TIMEOUT_S": "5"}
+           "CDCA_DEVICE_RPC_TIMEOUT_S": "2"}
     proc = _register(env, DEVICES[0])
     assert proc.returncode != 0
     assert "UNAVAILABLE" in proc.stderr or "DEADLINE_EXCEEDED" in proc.stderr
