@@ -113,15 +113,16 @@ def delta_with_residual(
             raise IncompatibleUpdateError(
                 f"tensor {name!r}: numel {b.numel()} exceeds the codec limit {MAX_TENSOR_NUMEL}"
             )
-        d = n.detach().float().flatten() - b.detach().float().flatten()  # (numel,)
+        # on the CPU whatever device the caller's tensors live on: payloads are built there
+        d = n.detach().cpu().float().flatten() - b.detach().cpu().float().flatten()  # (numel,)
         if residual is not None:
             r = residual[name]
             if r.numel() != b.numel():
                 raise IncompatibleUpdateError(
                     f"tensor {name!r}: residual numel {r.numel()} != base numel {b.numel()}"
                 )
-            d = d + r.detach().float().flatten()
+            d = d + r.detach().cpu().float().flatten()
         if not bool(torch.isfinite(d).all()):
             raise IncompatibleUpdateError(f"tensor {name!r}: delta has non-finite values")
-        out[name] = d.cpu()
+        out[name] = d
     return out

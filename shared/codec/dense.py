@@ -85,7 +85,8 @@ class DenseFp16Codec:
             d = np.frombuffer(raw, dtype="<f2").astype(np.float32)  # (numel,)
             if not np.isfinite(d).all():
                 raise WireFormatError(f"header.tensors[{i}] values: expected finite float16")
-            out[name] = (b.detach().float() + torch.from_numpy(d).view(b.shape)).to(b.dtype)
+            new = b.detach().cpu().float() + torch.from_numpy(d).view(b.shape)
+            out[name] = new.to(device=b.device, dtype=b.dtype)
         reader.finish()
         for name, b in base.items():
             if name not in out:

@@ -151,9 +151,9 @@ class DynamicDeltaCodec:
             dq = torch.from_numpy(q.astype(np.float32)) * step  # (k,)
             if not bool(torch.isfinite(dq).all()):
                 raise WireFormatError(f"{where} values: dequantized delta is not finite")
-            flat = b.detach().float().flatten().clone()  # (numel,)
+            flat = b.detach().cpu().float().flatten().clone()  # (numel,) decoded on the CPU
             flat.index_add_(0, torch.from_numpy(idx), dq)
-            out[name] = flat.view(b.shape).to(b.dtype)
+            out[name] = flat.view(b.shape).to(device=b.device, dtype=b.dtype)
         reader.finish()
         for name, b in base.items():
             if name not in out:
