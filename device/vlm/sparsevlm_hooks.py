@@ -156,7 +156,7 @@ class SparseVLMPruner:
         self._call: dict[str, Any] = {}
 
     # -- attaching ---------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> SparseVLMPruner:
+    def attach(self, model: Any) -> SparseVLMPruner:
         """Register the hooks on `model` (an HF VLM or a peft wrapper of one); returns self."""
         if self._handles:
             raise ConfigError("this SparseVLMPruner is already attached; detach it first")
@@ -170,7 +170,10 @@ class SparseVLMPruner:
         tcfg = decoder.config
         if getattr(tcfg, "sliding_window", None) and getattr(tcfg, "use_sliding_window", False):
             raise ConfigError("SparseVLM needs full attention; `use_sliding_window` is set")
-        self._hf, self._decoder, self._tcfg = hf, decoder, tcfg
+        # HF modules are duck-typed here (their attribute types are not visible to mypy)
+        self._hf: Any = hf
+        self._decoder: Any = decoder
+        self._tcfg: Any = tcfg
         self._visual_ids = [
             int(i) for i in (getattr(hf.config, "image_token_id", None),
                              getattr(hf.config, "video_token_id", None)) if i is not None
@@ -228,7 +231,8 @@ class SparseVLMPruner:
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._call = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
-                      "video_grid_thw": kwargs.get("video_grid_thw")}
+                      "video_grid_thw": kwargs.get("video_grid_thw"),
+                      "position_ids": kwargs.get("position_ids")}
 
     def _pre_layer_hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -307,7 +311,7 @@ class SparseVLMPruner:
         am = self._call.get("attention_mask")
         mask2d = (torch.ones_like(ids, dtype=torch.bool) if am is None
                   else am.to(device=ids.device, dtype=torch.bool))
-        raters, rows = [], []
+        raters: list[torch.Tensor] = []
         for s in range(b):
             start = int(v0[s]) + v
             n_text = int(mask2d[s, start:].sum())
@@ -329,7 +333,7 @@ class SparseVLMPruner:
         frame_ids = frame_weights = None
         if self.cfg.frame_budgets == "vidcom2" and bool((ids.gather(1, v0[:, None]) ==
                                                          self._video_id).all()):
-            frames, per_frame = self._frame_layout(v)
+            frames, per_frame = self._frame_layout(v, int(v0[0]))
             fid = torch.arange(v, device=ids.device) // per_frame  # (V,)
             fid[frames * per_frame:] = -1  # LLaVA-OV's trailing newline belongs to no frame
             frame_ids = fid.expand(b, v)
@@ -345,7 +349,7 @@ class SparseVLMPruner:
             rater_valid=valid, frame_ids=frame_ids, frame_weights=frame_weights,
         )
 
-    def _frame_layout(self, v: int) -> tuple[int, int]:
+    def _frame_layout(self, v: int, v0: int) -> tuple[int, int]:
         """(frames, tokens per frame) of a video block of `v` tokens."""
         vcfg = self._hf.config.vision_config
         if self._hf.config.model_type == "llava_onevision":
@@ -353,17 +357,28 @@ class SparseVLMPruner:
             per_frame = math.ceil(g / 2) ** 2  # bilinear 2x pooling per frame
             return v // per_frame, per_frame
         grid = self._call.get("video_grid_thw")
-        if grid is None or grid.shape[0] < 1:
-            raise ConfigError("per-frame SparseVLM on Qwen-VL video needs `video_grid_thw`")
-        t, h, w = (int(n) for n in grid[0])
-        per_frame = h * w // vcfg.spatial_merge_size**2
-        if t * per_frame != v:
+        pos = self._call.get("position_ids")
+        if grid is not None and grid.shape[0] >= 1:
+            t, h, w = (int(n) for n in grid[0])
+            frames, per_frame = t, h * w // vcfg.spatial_merge_size**2
+        elif pos is not None and pos.dim() == 3:
+            # generate() hands the encoder outputs, not the grid, to forward(); the M-RoPE
+            # temporal index tells the frames apart (rows are (t, h, w), or (text, t, h, w))
+            temporal = pos[pos.shape[0] - 3, 0, v0 : v0 + v]  # (V,)
+            frames = int(torch.unique_consecutive(temporal).numel())
+            per_frame = v // frames
+        else:
             raise ConfigError(
-                f"video grid {(t, h, w)} gives {t * per_frame} tokens, the block has {v}"
+                "per-frame SparseVLM on Qwen-VL video needs `video_grid_thw` or M-RoPE "
+                "`position_ids` in the forward call"
             )
-        return t, per_frame
+        if frames * per_frame != v:
+            raise ConfigError(
+                f"video layout {frames} x {per_frame} does not cover the block of {v} tokens"
+            )
+        return frames, per_frame
 
-    def _prune(self, run: _Run, index: int, layer: nn.Module, x: torch.Tensor, y: torch.Tensor,
+    def _prune(self, run: _Run, index: int, layer: Any, x: torch.Tensor, y: torch.Tensor,
                kwargs: dict) -> torch.Tensor:
         b, length, _ = y.shape
         stage = self._layers.index(index)
@@ -424,6 +439,7 @@ class SparseVLMPruner:
 
     def _prefill_positions(self, run: _Run) -> dict[str, Any]:
         """Rotary tables (and position_ids) of the current sequence, from the input sequence's."""
+        assert run.full_positions is not None  # captured by _prefill_override before this call
         cos, sin, pos = run.full_positions
         src = run.src  # (B, L_cur)
         if self._mrope:  # M-RoPE: every token keeps its own 3-D position
@@ -487,7 +503,7 @@ class SparseVLMPruner:
         return found
 
 
-def rater_attention(layer: nn.Module, x: torch.Tensor, rows: torch.Tensor, key_valid: torch.Tensor,
+def rater_attention(layer: Any, x: torch.Tensor, rows: torch.Tensor, key_valid: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Post-softmax causal attention of the query rows `rows` over all keys, from the layer's own
     input layernorm, q/k projections and rotary embedding (the rows of the map the layer's

@@ -30,6 +30,7 @@ from device.compress.sparsevlm import (
     recycle,
     select_raters,
 )
+from device.compress.vidcom2 import vidcom2_scores
 from device.vlm.sparsevlm_hooks import SparseVLMPruner, rater_attention
 from shared.errors import ConfigError
 
@@ -469,3 +470,29 @@ def test_peak_memory_not_above_stock_sdpa(model) -> None:
 
     stock, sparse = peak(False), peak(True)
     assert stock > 0 and sparse <= stock, (stock, sparse)
+
+
+def test_qwen2vl_video_frame_budgets_in_generate() -> None:
+    """generate() passes Qwen2-VL no video grid: frames come from the M-RoPE temporal index."""
+    model = tiny_qwen2vl()
+    g = torch.Generator().manual_seed(0)
+    t, h, w = 4, 8, 8  # 4 temporal patches of 16 merged tokens
+    seq = [1, VSTART] + [VIDEO_ID] * 64 + [VEND] + torch.randint(3, 100, (7,), generator=g).tolist()
+    ids = torch.tensor([seq, seq])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  mm_token_type_ids=(ids == VIDEO_ID).int() * 2,
+                  pixel_values_videos=torch.randn(2 * t * h * w, 3 * 2 * 16, generator=g),
+                  video_grid_thw=torch.tensor([[t, h, w]] * 2))
+    cfg = VidCom2SparseVLMConfig(keep_ratio=0.3)
+    with torch.no_grad():
+        embeds = model(**inputs, output_hidden_states=True).hidden_states[0]  # (B, L, D)
+        with SparseVLMPruner(cfg).attach(model) as pruner:
+            gen = model.generate(**inputs, max_new_tokens=2, do_sample=False,
+                                 suppress_tokens=[IMAGE_ID, VIDEO_ID])
+    assert gen.shape[1] == ids.shape[1] + 2
+    first = pruner.trace.stages[0]
+    frame_ids = torch.arange(64) // 16
+    for s in range(2):
+        weights = vidcom2_scores(embeds[s, 2:66], 16, 0.3).scales
+        want = frame_keep(first.scores[s], frame_ids, weights, first.keep.shape[1])
+        assert torch.equal(first.keep[s], want)
