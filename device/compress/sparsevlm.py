@@ -253,6 +253,8 @@ def fit_targets(
     budget nearest to keep_ratio * 576 is reused (its first len(layers) entries, the last one
     repeated if more layers are asked for).
     """
+    if keep_ratio >= 1.0:  # everything kept: no stage prunes (and nothing is recycled)
+        return (visual,) * len(layers)
     key = min(OFFICIAL_TABLES, key=lambda b: abs(b - keep_ratio * OFFICIAL_VISUAL_TOKENS))
     shape = list(OFFICIAL_TABLES[key])
     shape = (shape + [shape[-1]] * len(layers))[: len(layers)]

@@ -37,6 +37,12 @@ def test_fitted_targets_hit_the_equivalent_budget(budget: int) -> None:
         assert abs(got - budget / 576 * visual) <= max(2.0, 0.02 * visual), (visual, targets)
 
 
+def test_keep_ratio_one_prunes_nothing() -> None:
+    layers = pruning_layers(4, SparseVLMConfig().layer_fractions)
+    targets = fit_targets(257, 4, layers, 1.0)
+    assert stage_counts(257, targets) == [(257, 0)] * len(layers)
+
+
 def test_registry_builds_in_llm_compressors() -> None:
     comp = COMPRESSORS.build("sparsevlm", {"keep_ratio": 0.25})
     assert comp.stage is Stage.IN_LLM

@@ -496,3 +496,28 @@ def test_qwen2vl_video_frame_budgets_in_generate() -> None:
         weights = vidcom2_scores(embeds[s, 2:66], 16, 0.3).scales
         want = frame_keep(first.scores[s], frame_ids, weights, first.keep.shape[1])
         assert torch.equal(first.keep[s], want)
+
+
+def test_peft_lora_model_scores_use_the_adapter(model) -> None:
+    """On a peft-wrapped student the raters' attention comes from the LoRA-adapted q/k."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llava_ov()
+    base.load_state_dict(model.state_dict())
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+    peft_model = get_peft_model(base, lora).eval()
+    inputs = image_batch([2, 0], [6, 4])
+    with torch.no_grad():
+        with SparseVLMPruner(SparseVLMConfig()).attach(peft_model) as p_lora:
+            lora_logits = peft_model(**inputs).logits
+        merged = peft_model.merge_and_unload()
+        with SparseVLMPruner(SparseVLMConfig()).attach(merged) as p_merged:
+            merged_logits = merged(**inputs).logits
+        with SparseVLMPruner(SparseVLMConfig()).attach(model) as p_stock:
+            model(**inputs)
+    for a, b in zip(p_lora.trace.stages, p_merged.trace.stages, strict=True):
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+        assert torch.equal(a.keep, b.keep)
+    torch.testing.assert_close(lora_logits, merged_logits, rtol=0, atol=1e-4)
+    assert not torch.allclose(p_lora.trace.stages[0].scores, p_stock.trace.stages[0].scores)
