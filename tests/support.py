@@ -40,13 +40,14 @@ def write_toml(path: Path, values: dict[str, object]) -> Path:
 class CloudProcess:
     """`cloud-server serve` as a real child process; `port` is read from its port file."""
 
-    def __init__(self, config: Path, workdir: Path, timeout_s: float = 60.0) -> None:
+    def __init__(self, config: Path, workdir: Path, timeout_s: float = 60.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port_file = workdir / "cloud.port"
         self.port_file.unlink(missing_ok=True)
         self.log = (workdir / "cloud.log").open("ab")
         self.proc = subprocess.Popen(
             [str(BIN / "cloud-server"), "serve", "--config", str(config),
-             "--port-file", str(self.port_file)],
+             "--port-file", str(self.port_file), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT,
         )
         deadline = time.monotonic() + timeout_s

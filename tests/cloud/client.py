@@ -29,7 +29,7 @@ def tokens_sample(sample_id: str, k: int = 8, d: int = 32, seed: int = 0,
     """A valid sample with K kept visual tokens of width D."""
     rng = np.random.default_rng(seed)
     values = rng.standard_normal((k, d)).astype(np.float16)
-    tokens = VisualTokens(values, np.arange(k, dtype=np.int64) * 2, (1, 4, 2 * k // 4 + 1), space)
+    tokens = VisualTokens(values, np.arange(k, dtype=np.int64), (1, -(-k // 64), 64), space)
     return UploadSample(sample_id, "image", "what is shown?", "a cat", 0.4, tokens)
 
 
