@@ -10,7 +10,7 @@ import torch
 from cloud.ingest import Ingestor
 from cloud.keys import load_or_create_signing_key, public_key_bytes
 from cloud.metrics import Metrics
-from cloud.server import CloudServer
+from cloud.server import CloudServer, server_credentials
 from cloud.servicer import Identity, SyncServicer
 from cloud.settings import CloudSettings
 from cloud.store import Quota, SqliteStore
@@ -29,6 +29,8 @@ class CloudApp:
     def __init__(self, settings: CloudSettings, trainer: Trainer | None = None) -> None:
         if settings.tls is None and not settings.insecure:
             raise ConfigError("field `tls`: missing; set `tls` or `insecure = true` explicitly")
+        tls = settings.tls
+        credentials = server_credentials(tls) if tls is not None else None  # fail before work
         torch.set_num_threads(1)  # RPC threads and the worker share the CPU; no oversubscription
         w, lim = settings.worker, settings.limits
         self.trainer = trainer or TRAINERS.build(w.trainer, w.trainer_options)
@@ -48,7 +50,6 @@ class CloudApp:
         ingestor = Ingestor(
             self.store, limits, Quota(lim.max_pending_samples, lim.max_pending_bytes),
             self.trainer.check_sample, self.worker.notify, self.metrics)
-        tls = settings.tls
         identity = Identity(
             settings.enrollment_secret.get_secret_value(), public_key_bytes(key),
             self.trainer.base_model_hash,
@@ -60,7 +61,7 @@ class CloudApp:
         if w.enabled:
             self.worker.start()
         self.server = CloudServer(self.servicer, settings.listen_address, settings.max_workers,
-                                  tls, lim.max_concurrent_rpcs)
+                                  credentials, lim.max_concurrent_rpcs)
         self.port = self.server.port
 
     def stop(self, grace_s: float) -> None:

@@ -42,7 +42,8 @@ class CloudServer:
 
     def __init__(
         self, servicer: SyncServicer, listen_address: str, max_workers: int,
-        tls: TlsSettings | None = None, max_concurrent_rpcs: int | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
         self._servicer = servicer
         self._server = grpc.server(
@@ -63,18 +64,17 @@ class CloudServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        if tls is None:
+        if credentials is None:
             self.port = self._server.add_insecure_port(listen_address)
         else:
-            self.port = self._server.add_secure_port(listen_address, server_credentials(tls))
+            self.port = self._server.add_secure_port(listen_address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {listen_address}")
         self._server.start()
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": listen_address, "port": self.port,
-                                   "tls": "off" if tls is None else
-                                   ("mutual" if tls.client_ca_file else "server")})
+                                   "tls": credentials is not None})
 
     def enter_drain(self) -> None:
         """Announce NOT_SERVING (probes and load balancers stop routing) and refuse new work."""
