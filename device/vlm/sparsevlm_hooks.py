@@ -51,8 +51,9 @@ class StageRecord:
     """Visual tokens entering the layer."""
     keep: torch.Tensor
     """(B, k) int64 ascending indices into the visual tokens entering the layer."""
-    scores: torch.Tensor
-    """(B, visual_before) significance of those tokens."""
+    scores: torch.Tensor | None
+    """(B, visual_before) significance of those tokens; None when the stage's target kept
+    every token, so nothing was scored."""
     recycled: torch.Tensor | None
     """(B, c, D) merged tokens appended after the kept ones, or None."""
 
@@ -383,6 +384,11 @@ class SparseVLMPruner:
         b, length, _ = y.shape
         stage = self._layers.index(index)
         vc, v0 = run.vc, run.v0
+        if stage_keep(run.targets[stage], vc) == vc:  # nothing to prune: skip the scoring
+            everything = torch.arange(vc, device=y.device).expand(b, vc)
+            run.trace.stages.append(StageRecord(index, vc, everything, None, None))
+            run.trace.origin = run.origin
+            return y
         rows = v0[:, None] + vc + run.raters  # (B, R) absolute rater rows
         cos, sin = kwargs["position_embeddings"]
         probs = rater_attention(layer, x, rows, run.mask2d, cos, sin)  # (B, H, R, L)
