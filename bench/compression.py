@@ -137,6 +137,7 @@ def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
     t_gen += t_enc  # generate() above reused the encoded features
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     b = ci.input_ids.shape[0]
+    assert ci.visual_tokens_in is not None
     stats = BatchStats(t_enc, 0.0, t_pre, t_gen, int(ci.visual_tokens_in.sum()),
                        round(equivalent * b), int(ci.attention_mask.sum()),
                        _kv_bytes(out.past_key_values), peak)
@@ -288,10 +289,10 @@ def scale_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     # shared machine then slow every configuration alike; per-config minima are reported.
     for rep in range(args.scale_repeats + 1):
         for i, comp in enumerate(comps):
-            st = run_method(model, grid[i][0], grid[i][1], comp, inputs, args.max_new_tokens,
-                            0, device)[1]
+            one = run_method(model, grid[i][0], grid[i][1], comp, inputs, args.max_new_tokens,
+                             0, device)[1]
             if rep:
-                stats[i].append(st)
+                stats[i].append(one)
         gc.collect()
     runs = []
     for (method, ratio), st in zip(grid, stats, strict=True):
