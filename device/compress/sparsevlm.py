@@ -232,8 +232,13 @@ def equivalent_tokens(visual: int, depth: int, layers: tuple[int, ...], after: l
 
 
 def pruning_layers(depth: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
-    """Decoder layers int(f * depth) for each fraction, deduplicated, ascending."""
-    return tuple(sorted({min(int(f * depth), depth - 1) for f in fractions}))
+    """Decoder layers int(f * depth) for each fraction, deduplicated, ascending.
+
+    The last layer is never a pruning layer: its output only feeds the final norm and the LM
+    head, so pruning there saves nothing and would only flatter the equivalent-token count
+    (this matters for shallow students, e.g. a 2-layer decoder prunes after layer 0 only).
+    """
+    return tuple(sorted({int(f * depth) for f in fractions} - set(range(depth - 1, depth + 1))))
 
 
 def fit_targets(

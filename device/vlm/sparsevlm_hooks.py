@@ -199,6 +199,9 @@ class SparseVLMPruner:
         for i in self._layers:
             self._handles.append(decoder.layers[i].register_forward_hook(
                 self._prune_hook(i), with_kwargs=True))
+        if not self._layers:
+            log.warning("SparseVLM: a %d-layer decoder has no layer to prune after; the "
+                        "model runs unpruned", depth)
         log.info("SparseVLM attached: pruning after layers %s of %d", self._layers, depth)
         return self
 
@@ -287,6 +290,8 @@ class SparseVLMPruner:
         self._run = self._begin(x, cache)
 
     def _begin(self, x: torch.Tensor, cache: Cache | None) -> _Run | None:
+        if not self._layers:
+            return None
         ids = self._call.get("input_ids")
         if ids is None or ids.shape != x.shape[:2]:
             # visual tokens are found by their placeholder ids; embeddings alone do not say

@@ -25,6 +25,9 @@ def test_official_192_accounting() -> None:
     after = [k + c for k, c in counts]
     assert equivalent_tokens(576, 32, (2, 6, 15), after) == 192.03125
     assert pruning_layers(32, SparseVLMConfig().layer_fractions) == (2, 6, 15)
+    assert pruning_layers(8, SparseVLMConfig().layer_fractions) == (0, 1, 3)
+    assert pruning_layers(2, SparseVLMConfig().layer_fractions) == (0,)  # not the last layer
+    assert pruning_layers(1, SparseVLMConfig().layer_fractions) == ()
 
 
 @pytest.mark.parametrize("budget", sorted(OFFICIAL_TABLES))
