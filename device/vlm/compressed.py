@@ -63,7 +63,8 @@ class CompressedInputs:
     attention_mask: torch.Tensor
     """(B, L')."""
     position_ids: torch.Tensor | None
-    """(3, B, L') M-RoPE positions taken from the full grid (Qwen), else None (1-D RoPE)."""
+    """(3, B, L') M-RoPE positions taken from the full grid (Qwen); (B, L') original 1-D
+    positions with `original_positions`; else None (compact 1-D positions)."""
     mm_encoder_outputs: dict[str, Any]
     """Kept features per modality in the layout the model's forward expects."""
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -115,9 +116,13 @@ class CompressedVLM:
         model: LlavaOnevision / Qwen2-VL / Qwen2.5-VL ForConditionalGeneration, maybe peft-wrapped.
         compressor: a `Stage.PRE_LLM` TokenCompressor (see `device.compress.COMPRESSORS`).
         padding_side: where rows are padded after compression; "left" suits generate().
+        original_positions: 1-D RoPE models (LLaVA-OV) only: give kept tokens the positions
+            they had in the full sequence (gaps where tokens were dropped) instead of the
+            official compact renumbering. M-RoPE models always keep full-grid positions.
     """
 
-    def __init__(self, model: Any, compressor: TokenCompressor, padding_side: str = "left"):
+    def __init__(self, model: Any, compressor: TokenCompressor, padding_side: str = "left",
+                 original_positions: bool = False):
         if compressor.stage is not Stage.PRE_LLM:
             raise ConfigError(
                 f"CompressedVLM applies pre-LLM compressors; {type(compressor).__name__} acts at "
@@ -128,6 +133,7 @@ class CompressedVLM:
         self.model = model
         self.compressor = compressor
         self.padding_side = padding_side
+        self.original_positions = original_positions
         self.adapter: ArchAdapter = adapter_for(model)
         cfg = self.adapter.model.config
         pad = getattr(cfg.get_text_config(), "pad_token_id", None)
@@ -196,7 +202,11 @@ class CompressedVLM:
                                        ik.frame_counts))
         kept.sort(key=lambda k: k.sample)  # stable: placeholder order inside a row
         full_pos = self.adapter.rope_positions(inputs, ids, mask)  # (3, B, L) or None
+        if full_pos is None and self.original_positions:
+            full_pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[None]  # (1, B, L)
         new_ids, new_mask, new_pos = self._repack(ids, survive, full_pos)
+        if new_pos is not None and new_pos.shape[0] == 1:
+            new_pos = new_pos[0]  # (B, L') 1-D RoPE positions
         return CompressedInputs(
             input_ids=new_ids, attention_mask=new_mask, position_ids=new_pos,
             mm_encoder_outputs=self.adapter.encoder_outputs(kept_feats),
@@ -210,8 +220,8 @@ class CompressedVLM:
         b, length = ids.shape[0], int(lengths.max())
         new_ids = torch.full((b, length), self.pad_token_id, dtype=ids.dtype, device=ids.device)
         new_mask = torch.zeros((b, length), dtype=torch.long, device=ids.device)
-        new_pos = None if pos is None else torch.zeros((3, b, length), dtype=pos.dtype,
-                                                       device=pos.device)
+        new_pos = None if pos is None else torch.zeros((pos.shape[0], b, length),
+                                                       dtype=pos.dtype, device=pos.device)
         for r in range(b):
             cols = survive[r].nonzero().squeeze(1)  # (L_r,)
             n = int(cols.numel())

@@ -203,3 +203,25 @@ def test_peft_wrapped_model_and_beam_search() -> None:
     ours = CompressedVLM(model, COMPRESSORS.build("none")).generate(
         inputs, max_new_tokens=3, do_sample=False, num_beams=2)
     assert torch.equal(ours.new_tokens, stock[:, inputs["input_ids"].shape[1]:])
+
+
+def test_llava_original_positions_option() -> None:
+    model, inputs = tiny.tiny_llava_ov(), _llava_video_inputs()
+    row = {k: v[1:] for k, v in inputs.items()}  # the unpadded row: stock positions 0..L-1
+    with torch.no_grad():
+        ref = model(**row).logits
+        out, ci = CompressedVLM(model, COMPRESSORS.build("none"),
+                                original_positions=True).forward(row)
+        assert (out.logits - ref).abs().max().item() == 0.0
+        cv = CompressedVLM(model, COMPRESSORS.build("vidcom2", {"keep_ratio": 0.25}),
+                           original_positions=True)
+        ci = cv.prepare(inputs)
+    assert ci.position_ids is not None and ci.position_ids.shape == ci.input_ids.shape
+    for rec in ci.kept:
+        b = rec.sample
+        real = inputs["attention_mask"][b].bool()
+        full_video = (inputs["input_ids"][b][real] == tiny.VIDEO_ID).nonzero().squeeze(1)
+        kept_pos = ci.position_ids[b, ci.input_ids[b] == tiny.VIDEO_ID]
+        assert torch.equal(kept_pos, full_video[rec.keep])
+    gen = cv.generate(inputs, max_new_tokens=3, do_sample=False)
+    assert gen.new_tokens.shape == (2, 3)
