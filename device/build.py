@@ -80,7 +80,7 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
         encoder = OnnxVisionEncoder(m.onnx_vision, student.model)
     inference = DeviceInference(
         student, COMPRESSORS.build(settings.compressor, settings.compressor_options),
-        m.max_new_tokens, encoder, m.feature_space)
+        m.max_new_tokens, encoder, m.feature_space, m.original_positions)
     sampler = SAMPLERS.build(settings.sampler, settings.sampler_options)
     if not isinstance(sampler, UncertaintySampler):
         raise ConfigError(f"field `sampler`: {settings.sampler!r} is not a UTS sampler")

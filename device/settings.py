@@ -39,6 +39,8 @@ class ModelSettings(BaseModel):
     """ONNX file from `device-agent export-onnx`; when set, the vision tower runs in onnxruntime."""
     max_new_tokens: int = Field(default=4, ge=1, le=64)
     batch_size: int = Field(default=4, ge=1, le=64)
+    original_positions: bool = False
+    """LLaVA-OV: kept visual tokens keep their full-sequence RoPE positions (see CompressedVLM)."""
     feature_space: str = "projected"
     """`VisualTokens.feature_space` of token uploads (must be one the cloud accepts)."""
 

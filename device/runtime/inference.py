@@ -44,11 +44,13 @@ class DeviceInference:
     """Runs the student with a pre-LLM token compressor, batch by batch."""
 
     def __init__(self, student: Student, compressor: TokenCompressor, max_new_tokens: int = 4,
-                 encoder: Encoder | None = None, feature_space: str = "projected") -> None:
+                 encoder: Encoder | None = None, feature_space: str = "projected",
+                 original_positions: bool = False) -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
         self.student = student
-        self.cvlm = CompressedVLM(student.model, compressor)
+        self.cvlm = CompressedVLM(student.model, compressor,
+                                  original_positions=original_positions)
         self.max_new_tokens = max_new_tokens
         self._encode: Encoder = encoder or self.cvlm.encode
         tok = student.processor.tokenizer
@@ -82,10 +84,10 @@ class DeviceInference:
         kwargs: dict[str, Any] = {"input_ids": full, "attention_mask": mask,
                                   "mm_encoder_outputs": ci.mm_encoder_outputs,
                                   **self.cvlm.adapter.text_kwargs(full)}
-        if ci.position_ids is not None:  # M-RoPE: answer positions continue after the prompt
-            step = torch.arange(1, new.shape[1] + 1, dtype=ci.position_ids.dtype)
-            tail = ci.position_ids[:, :, -1:] + step.view(1, 1, -1)  # (3, B, T)
-            kwargs["position_ids"] = torch.cat([ci.position_ids, tail], 2)
+        if ci.position_ids is not None:  # explicit positions: the answer continues the prompt
+            pos = ci.position_ids  # (3, B, L) M-RoPE or (B, L) original 1-D positions
+            step = torch.arange(1, new.shape[1] + 1, dtype=pos.dtype)  # (T,)
+            kwargs["position_ids"] = torch.cat([pos, pos[..., -1:] + step], -1)  # (..., L + T)
         out = self.student.model(**kwargs, output_attentions=True)
         # logits at position p predict token p + 1: the answer is predicted from L - 1 on
         logits = out.logits[:, prompt_len - 1: prompt_len - 1 + new.shape[1]].float()  # (B, T, V)

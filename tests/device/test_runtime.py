@@ -92,3 +92,17 @@ def test_bad_config(tmp_path: Path) -> None:
         StudentConfig(tmp_path, quantization="int3")
     with pytest.raises(ConfigError, match="config.json"):
         load_student(StudentConfig(tmp_path))
+
+
+def test_original_positions_scoring_pass(tiny_ckpt: Path) -> None:
+    st = load_student(StudentConfig(tiny_ckpt))
+    samples = P.batch("blur", 2, seed=3)
+    args = ([s.frames for s in samples], [s.question for s in samples], ["a", "b"])
+    comp = COMPRESSORS.build("vidcom2", {})
+    compact = DeviceInference(st, comp, 3).run(*args)
+    orig = DeviceInference(st, comp, 3, original_positions=True).run(*args)
+    for c, o in zip(compact, orig, strict=True):
+        assert torch.equal(c.record.keep, o.record.keep)
+        assert o.record.token_logprobs.numel() >= 1 and torch.isfinite(o.record.token_scores).all()
+    # positions differ, so the scores do (the option is really in effect)
+    assert not torch.allclose(compact[0].record.token_scores, orig[0].record.token_scores)
