@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[420, 840, 1680, 3360])
     p.add_argument("--teacher-samples", type=int, default=100)
     p.add_argument("--keep-ratio", type=float, default=0.25)
+    p.add_argument("--original-positions", action="store_true")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -257,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     st = load_student(StudentConfig(args.student, quantization=args.quantization))
-    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {"keep_ratio": args.keep_ratio}), 3)
+    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {"keep_ratio": args.keep_ratio}), 3,
+                          original_positions=args.original_positions)
     pc = st.processor.config
     gen = generator_for(pc.image_size, pc.num_frames)
     cal_items = [ProceduralInput(["source"], 7, "video", generator=gen).item(i)
@@ -269,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "student": str(args.student), "quantization": args.quantization,
         "compressor": f"vidcom2 keep_ratio={args.keep_ratio}",
+        "original_positions": args.original_positions,
         "bytes": bytes_part(inf, items, res, args.budgets),
         "calibration": calibration_part(cal, res, items, args.quantiles, args.seed),
     }
