@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                    choices=("llava_onevision", "qwen2_vl"), help="random model's class")
     p.add_argument("--domains", nargs="+", default=["source"])
     p.add_argument("--media", nargs="+", default=["video", "image"])
-    p.add_argument("--methods", nargs="+", default=list(PRE_LLM_METHODS))
+    p.add_argument("--methods", nargs="+", default=[*PRE_LLM_METHODS, *IN_LLM_METHODS])
     p.add_argument("--n", type=int, default=64, help="samples per domain and media kind")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=3)
