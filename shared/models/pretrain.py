@@ -184,6 +184,31 @@ def train_vision(model: PreTrainedModel, processor: VLMProcessor,
 
 
 @torch.no_grad()
+def standardize_projector(model: PreTrainedModel, processor: VLMProcessor,
+                          samples: Sequence[P.QASample], max_samples: int = 256) -> None:
+    """Fold per-dimension standardisation of the visual tokens into the projector's last Linear.
+
+    After stage A the tokens share a large common component (norm ~17 against ~1 for word
+    embeddings) and a language model trained on them plateaus at chance; standardised tokens
+    (zero mean, unit variance per dimension over training tokens) train in a few hundred steps.
+    Pooling is an average, so the affine fold gives exactly standardised pooled tokens.
+    """
+    videos = [s for s in samples if s.media_kind == "video"][:max_samples]
+    feats = cache_visual_tokens(model, processor, videos, progress=False)
+    if processor.config.architecture == "llava_onevision":
+        feats = [f[:-1] for f in feats]  # the closing newline is its own parameter
+        last = model.model.multi_modal_projector.linear_2
+    else:
+        last = model.model.visual.merger.mlp[2]
+    tokens = torch.cat(feats)  # (N, D)
+    mu, sd = tokens.mean(0), tokens.std(0).clamp(min=1e-4)  # (D,)
+    last.weight.div_(sd[:, None])
+    last.bias.sub_(mu).div_(sd)
+
+
+
+
+@torch.no_grad()
 def cache_visual_tokens(model: PreTrainedModel, processor: VLMProcessor,
                         samples: Sequence[P.QASample], batch_size: int = 64,
                         progress: bool = True) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from shared.models.pretrain import (
     Stopwatch,
     cache_visual_tokens,
     copy_visual,
+    standardize_projector,
     train_language,
     train_vision,
 )
@@ -61,13 +62,13 @@ class ZooConfig:
     teacher_intermediate: int = 512
     student_layers: int = 2
     student_intermediate: int = 128
-    train_videos_per_domain: int = 1200
-    train_images_per_domain: int = 400
+    train_videos_per_domain: int = 1600
+    train_images_per_domain: int = 500
     eval_per_domain: int = 200
     """Held-out samples per domain and media kind for the report."""
     vision: StageSchedule = field(default_factory=lambda: StageSchedule(300, 2e-3, 128))
-    teacher: StageSchedule = field(default_factory=lambda: StageSchedule(700, 1.5e-3, 32))
-    student: StageSchedule = field(default_factory=lambda: StageSchedule(500, 2e-3, 32))
+    teacher: StageSchedule = field(default_factory=lambda: StageSchedule(650, 1.5e-3, 32))
+    student: StageSchedule = field(default_factory=lambda: StageSchedule(450, 2e-3, 32))
 
     def __post_init__(self) -> None:
         for name in ("train_videos_per_domain", "train_images_per_domain", "eval_per_domain"):
@@ -104,7 +105,7 @@ class ZooConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-DATA_VERSION = "procedural-v1"
+DATA_VERSION = "procedural-v1+std"
 """Bump when the generator changes what a (domain, seed, index) produces."""
 
 ZOOS: dict[str, ZooConfig] = {
@@ -220,6 +221,7 @@ def train_zoo(cfg: ZooConfig, out_dir: str | Path, progress: bool = True,
     data = training_data(cfg)
     watch.lap("data")
     stage_a = train_vision(teacher, proc, data, cfg.vision, cfg.seed, progress)
+    standardize_projector(teacher, proc, data)
     watch.lap("stage_a_vision")
     vhash = copy_visual(teacher, student)
     tokens = cache_visual_tokens(teacher, proc, data, progress=progress)
