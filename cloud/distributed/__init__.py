@@ -10,12 +10,20 @@ from cloud.distributed.job import (
     load_checkpoint,
     run_job,
 )
+from cloud.distributed.launch import (
+    InProcessLauncher,
+    JobFailedError,
+    Launcher,
+    TorchrunLauncher,
+    export_job,
+)
 from cloud.distributed.runtime import LaunchEnv, Runtime, TorchDDP, shard_teacher
 from cloud.distributed.samples import load_samples, save_samples
 from cloud.distributed.spec import DistillJobSpec
 
 __all__ = [
-    "ADAPTER_FILE", "DistillJobSpec", "JobOutcome", "LabelStageResult", "LaunchEnv",
-    "RESULT_FILE", "Runtime", "TorchDDP", "label_stage", "load_checkpoint", "load_samples",
+    "ADAPTER_FILE", "DistillJobSpec", "InProcessLauncher", "JobFailedError", "JobOutcome",
+    "LabelStageResult", "LaunchEnv", "Launcher", "RESULT_FILE", "Runtime", "TorchDDP",
+    "TorchrunLauncher", "export_job", "label_stage", "load_checkpoint", "load_samples",
     "run_job", "save_samples", "shard_teacher",
 ]

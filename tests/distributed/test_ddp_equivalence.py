@@ -8,9 +8,7 @@ labels as the whole teacher in one process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,13 +16,18 @@ import safetensors.torch
 import torch
 
 from cloud.distill import SingleProcess
-from cloud.distributed import ADAPTER_FILE, LaunchEnv, Runtime, run_job
+from cloud.distributed import (
+    ADAPTER_FILE,
+    InProcessLauncher,
+    TorchrunLauncher,
+    export_job,
+    load_samples,
+)
 from cloud.distributed.job import load_checkpoint
 from cloud.labels import SqliteLabelCache, checkpoint_hash, label_key, prompt_digest
 from tests.distributed import jobs
 
 TOLERANCE = 1e-5
-REPO = Path(__file__).resolve().parents[2]
 
 
 class _NoAllReduce(SingleProcess):
@@ -44,21 +47,18 @@ def test_two_process_gloo_job_matches_one_process(tmp_path: Path) -> None:
     jobs.single_process_env()
     jobs.make_inputs(tmp_path)
     two = jobs.spec(tmp_path, "out2", "labels2", teacher_sharding="fsdp", backend="gloo")
-    two.to_json(tmp_path / "job2.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(jobs.free_port()),
-           "-m", "cloud.distributed.run", "--job", str(tmp_path / "job2.json"), "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    # the 1-process job runs meanwhile: the same entry (run_job) in this process
-    one = jobs.spec(tmp_path, "out1", "labels1")
-    outcome1 = run_job(one, Runtime(LaunchEnv()))
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    assert outcome1.world_size == 1 and outcome1.labels.hits == 0
+    samples = load_samples(tmp_path / "samples.safetensors")
+    # world size 1: the worker's hand-off (exported inputs) run in this process, meanwhile
+    # world size 2: a real torchrun job (2 gloo ranks) on the original samples file
+    one = export_job(jobs.spec(tmp_path, "unused", "labels1"), samples, tmp_path / "one")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(TorchrunLauncher(nproc_per_node=2, timeout_s=300).run, two)
+        result1 = InProcessLauncher().run(one)
+        result2 = pending.result(timeout=330)
+    assert (result1["world_size"], result2["world_size"]) == (1, 2)
+    assert result1["labels"]["hits"] == 0 and result2["labels"]["hits"] == 0
 
-    a1 = safetensors.torch.load_file(tmp_path / "out1" / ADAPTER_FILE)
+    a1 = safetensors.torch.load_file(result1["adapter_path"])
     a2 = safetensors.torch.load_file(tmp_path / "out2" / ADAPTER_FILE)
     start = _adapter_at_init(tmp_path)
     moved = _max_diff(a1, start)
@@ -75,9 +75,6 @@ def test_two_process_gloo_job_matches_one_process(tmp_path: Path) -> None:
     _, fmt = load_checkpoint(tmp_path / "student")
     config = one.labelling_config()
     teacher_hash = checkpoint_hash(tmp_path / "teacher")
-    from cloud.distributed import load_samples
-
-    samples = load_samples(tmp_path / "samples.safetensors")
     c1, c2 = SqliteLabelCache(tmp_path / "labels1"), SqliteLabelCache(tmp_path / "labels2")
     for s in samples:
         key = label_key(teacher_hash, s, config, prompt_digest(fmt))
@@ -105,7 +102,6 @@ def _adapter_at_init(root: Path) -> dict[str, torch.Tensor]:
 
 def _run_share_without_allreduce(root: Path) -> dict[str, torch.Tensor]:
     from cloud.distill import AdapterDistiller, attach_lora
-    from cloud.distributed import load_samples
 
     s = jobs.spec(root, "unused", "labels1")
     student, fmt = load_checkpoint(root / "student")
