@@ -174,24 +174,27 @@ class _FixedKeep:
 
 
 def tokens_part(teacher_dir: Path, items: list[Any], res: list[Inference], budget: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, original_positions: bool) -> dict[str, Any]:
     """A model reading only the uploaded tokens: attention top-k vs random k vs all kept.
 
     Reports exact-match accuracy and agreement with the same model's answer on all kept tokens
     (how much of the evidence for that answer the k tokens carry)."""
     teacher = load_student(StudentConfig(teacher_dir, attention_scores=False))
     fixed = _FixedKeep()
-    cv = CompressedVLM(teacher.model, fixed)
+    cv = CompressedVLM(teacher.model, fixed, original_positions=original_positions)
     g = torch.Generator().manual_seed(seed)
     dim = int(res[0].features.shape[1])
-    hits: dict[str, list[bool]] = {"attention": [], "random": [], "all_kept": []}
-    agree: dict[str, list[bool]] = {"attention": [], "random": []}
+    hits: dict[str, list[bool]] = {"attention": [], "random": [], "least_attended": [],
+                                   "all_kept": []}
+    agree: dict[str, list[bool]] = {"attention": [], "random": [], "least_attended": []}
     for it, r in zip(items, res, strict=True):
         k = r.record.keep
         idx = tokens_within_budget(r.record.token_scores, token_bytes(dim, "int8"), budget)
         rnd = torch.sort(torch.randperm(k.numel(), generator=g)[:idx.numel()]).values
+        low = torch.sort(torch.topk(-r.record.token_scores, idx.numel()).indices).values
         answers = {}
-        for name, keep in (("all_kept", k), ("attention", k[idx]), ("random", k[rnd])):
+        for name, keep in (("all_kept", k), ("attention", k[idx]), ("random", k[rnd]),
+                           ("least_attended", k[low])):
             fixed.plans = [keep]
             gen = cv.generate(teacher.processor(([it.frames], [it.question])), max_new_tokens=3,
                               do_sample=False)
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for role, path in (("student", args.student), ("teacher", args.teacher)):
         if path is not None:
             report[f"tokens_{role}"] = tokens_part(path, items[:n], res[:n], args.budgets[1],
-                                                   args.seed)
+                                                   args.seed, args.original_positions)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_uplink.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, args.out / "device_uplink.png")
