@@ -227,22 +227,28 @@ def cache_visual_tokens(model: PreTrainedModel, processor: VLMProcessor,
 
 
 def train_language(model: PreTrainedModel, processor: VLMProcessor,
-                   samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
+                   samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor] | None,
                    sched: StageSchedule, seed: int, desc: str,
                    progress: bool = True) -> float:
-    """Stages B/C: train the language model on cached visual tokens; returns the final loss.
+    """Stages B/C: train the language model; returns the final loss (EMA).
 
-    Each step draws one media kind (by its share of `samples`) and a batch of that kind.
+    With `tokens` (cached visual tokens) only the language model trains. With `tokens=None`
+    (teacher stage B) the projector trains too, on pixels through the frozen tower: a frozen
+    projector left the language model at chance. Each step draws one media kind (by its share
+    of `samples`) and a batch of that kind.
     """
     pools: dict[str, list[int]] = {"video": [], "image": []}
     for i, s in enumerate(samples):
         pools[s.media_kind].append(i)
     kinds = [k for k, v in pools.items() if v]
     weights = torch.tensor([len(pools[k]) for k in kinds], dtype=torch.float)
-    params = [p for k, p in model.named_parameters()
-              if k.startswith(("model.language_model.", "lm_head."))]
+    prefixes: tuple[str, ...] = ("model.language_model.", "lm_head.")
+    if tokens is None:
+        prefixes += ("model.multi_modal_projector.", "model.image_newline",
+                     "model.visual.merger.")
+    params = [p for k, p in model.named_parameters() if k.startswith(prefixes)]
     for k, p in model.named_parameters():
-        p.requires_grad_(k.startswith(("model.language_model.", "lm_head.")))
+        p.requires_grad_(k.startswith(prefixes))
     opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched))
     gen = torch.Generator().manual_seed(seed)
@@ -254,6 +260,16 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
         pool = pools[kind]
         pick = [pool[int(j)] for j in torch.randint(0, len(pool), (sched.batch,), generator=gen)]
         batch = [samples[i] for i in pick]
+        if tokens is None:
+            loss = model(**processor(batch, answers=True)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lr_sched.step()
+            ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+            bar.set_postfix(loss=f"{ema:.3f}")
+            continue
         text = processor.text_inputs([s.question for s in batch], [s.answer for s in batch],
                                      kind)
         grid_key = "video_grid_thw" if kind == "video" else "image_grid_thw"

@@ -67,7 +67,7 @@ class ZooConfig:
     eval_per_domain: int = 200
     """Held-out samples per domain and media kind for the report."""
     vision: StageSchedule = field(default_factory=lambda: StageSchedule(300, 2e-3, 128))
-    teacher: StageSchedule = field(default_factory=lambda: StageSchedule(650, 1.5e-3, 32))
+    teacher: StageSchedule = field(default_factory=lambda: StageSchedule(600, 2e-3, 32))
     student: StageSchedule = field(default_factory=lambda: StageSchedule(450, 2e-3, 32))
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class ZooConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-DATA_VERSION = "procedural-v1+std"
+DATA_VERSION = "procedural-v1+std+projB"
 """Bump when the generator changes what a (domain, seed, index) produces."""
 
 ZOOS: dict[str, ZooConfig] = {
@@ -223,15 +223,15 @@ def train_zoo(cfg: ZooConfig, out_dir: str | Path, progress: bool = True,
     stage_a = train_vision(teacher, proc, data, cfg.vision, cfg.seed, progress)
     standardize_projector(teacher, proc, data)
     watch.lap("stage_a_vision")
-    vhash = copy_visual(teacher, student)
-    tokens = cache_visual_tokens(teacher, proc, data, progress=progress)
-    watch.lap("cache_tokens")
-    loss_t = train_language(teacher, proc, data, tokens, cfg.teacher, cfg.seed + 2,
-                            "stage B teacher", progress)
+    loss_t = train_language(teacher, proc, data, None, cfg.teacher, cfg.seed + 2,
+                            "stage B teacher (+projector)", progress)
     watch.lap("stage_b_teacher")
-    src = [i for i, s in enumerate(data) if s.domain == "source"]
-    loss_s = train_language(student, proc, [data[i] for i in src], [tokens[i] for i in src],
-                            cfg.student, cfg.seed + 3, "stage C student", progress)
+    vhash = copy_visual(teacher, student)
+    src = [s for s in data if s.domain == "source"]
+    tokens = cache_visual_tokens(teacher, proc, src, progress=progress)
+    watch.lap("cache_tokens")
+    loss_s = train_language(student, proc, src, tokens, cfg.student, cfg.seed + 3,
+                            "stage C student", progress)
     watch.lap("stage_c_student")
     common = {"zoo": name, "zoo_key": cfg.key(), "zoo_config": cfg.to_dict(),
               "data_version": DATA_VERSION, "vision_sha256_fp32_train": vhash}
