@@ -1,6 +1,8 @@
 """Device student on compressed bases: memory and latency per sample for fp32, torch dynamic int8,
 bitsandbytes int8 and NF4 4-bit (vision tower fp32 in all), plus exact-match accuracy.
 
+Not a timed test: latencies depend on what else runs on the cores.
+
 Each mode runs in its own child process so resident-memory figures do not mix. Per mode: weight
 bytes (parameters + buffers + packed int8 weights), RSS growth from loading the model, peak RSS
 during inference, and median / p90 wall time of one compressed answer (batch 1, VidCom2 at 25 %,
@@ -34,7 +36,8 @@ def _rss_bytes() -> int:
     return pages * resource.getpagesize()
 
 
-def _one(checkpoint: Path, mode: str, samples: int, threads: int) -> dict[str, Any]:
+def _one(checkpoint: Path, mode: str, samples: int, threads: int, keep_ratio: float,
+         original_positions: bool) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -55,7 +58,8 @@ def _one(checkpoint: Path, mode: str, samples: int, threads: int) -> dict[str, A
     st = load_student(StudentConfig(checkpoint, quantization=mode))
     load_s = time.perf_counter() - t0
     rss_model = _rss_bytes() - rss0
-    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {"keep_ratio": 0.25}), 3)
+    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {"keep_ratio": keep_ratio}), 3,
+                          original_positions=original_positions)
     pc = st.processor.config
     src = ProceduralInput(list(P.DOMAINS), 4242, "video",
                           generator=generator_for(pc.image_size, pc.num_frames))
@@ -69,7 +73,9 @@ def _one(checkpoint: Path, mode: str, samples: int, threads: int) -> dict[str, A
             right += r.answer == item.answer
     times.sort()
     return {
-        "mode": mode, "weight_bytes": model_bytes(st.model), "load_rss_bytes": rss_model,
+        "mode": mode, "weight_bytes": model_bytes(st.model),
+        "llm_weight_bytes": model_bytes(st.model.get_base_model().model.language_model),
+        "load_rss_bytes": rss_model,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "load_s": round(load_s, 3), "latency_median_ms": round(1e3 * statistics.median(times), 2),
         "latency_p90_ms": round(1e3 * times[int(0.9 * (len(times) - 1))], 2),
@@ -85,9 +91,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     names = [r["mode"] for r in rows]
-    ax[0].bar(names, [r["weight_bytes"] / 2**20 for r in rows], color="tab:blue")
+    ax[0].bar(names, [r["weight_bytes"] / 2**20 for r in rows], color="tab:blue", label="all")
+    ax[0].bar(names, [r["llm_weight_bytes"] / 2**20 for r in rows], color="tab:cyan",
+              label="LLM part")
     ax[0].set_ylabel("MiB")
     ax[0].set_title("weights (LLM quantized, vision fp32)")
+    ax[0].legend()
     ax[1].bar(names, [r["latency_median_ms"] for r in rows], color="tab:orange",
               yerr=[[0] * len(rows), [r["latency_p90_ms"] - r["latency_median_ms"] for r in rows]])
     ax[1].set_ylabel("ms / sample")
@@ -108,26 +117,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-ratio", type=float, default=0.5)
+    p.add_argument("--original-positions", action="store_true")
     p.add_argument("--out", type=Path, default=Path("reports/device_quant"))
     p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.one:
-        sys.stdout.write(json.dumps(_one(args.checkpoint, args.one, args.samples, args.threads))
-                         + "\n")
+        row = _one(args.checkpoint, args.one, args.samples, args.threads, args.keep_ratio,
+                   args.original_positions)
+        sys.stdout.write(json.dumps(row) + "\n")
         return 0
     rows = []
     for mode in args.modes:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.device_quant", "--one", mode, "--checkpoint",
              str(args.checkpoint), "--samples", str(args.samples), "--threads",
-             str(args.threads)], capture_output=True, text=True, check=False)
+             str(args.threads), "--keep-ratio", str(args.keep_ratio),
+             *(["--original-positions"] if args.original_positions else [])],
+            capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             rows.append({"mode": mode, "error": proc.stderr.strip().splitlines()[-1:]})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ok = [r for r in rows if "error" not in r]
-    report = {"checkpoint": str(args.checkpoint), "rows": rows}
+    report = {"checkpoint": str(args.checkpoint), "keep_ratio": args.keep_ratio,
+              "original_positions": args.original_positions, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device_quant.json").write_text(json.dumps(report, indent=2) + "\n")
     if ok:
