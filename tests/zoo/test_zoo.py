@@ -106,3 +106,19 @@ def test_cli_eval_writes_json(test_zoo, tmp_path: Path) -> None:
     assert set(res) == {"teacher/video", "teacher/video_first_frame", "student/video",
                         "student/video_first_frame"}
     assert res["student/video"]["overall"]["n"] == 4
+
+
+def test_committed_default_zoo_matches_its_config_and_loads() -> None:
+    from shared.models.zoo import COMMITTED
+
+    root = COMMITTED / "default"
+    if not (root / "teacher" / "config.json").is_file():
+        pytest.skip("no committed default zoo")
+    paths = ensure_zoo("default")  # must not train: the committed copy matches the config key
+    assert paths.root == root
+    t = LlavaOnevisionForConditionalGeneration.from_pretrained(paths.teacher)
+    s = LlavaOnevisionForConditionalGeneration.from_pretrained(paths.student)
+    assert visual_hash(t) == visual_hash(s) == t.config.vision_sha256
+    n_t = sum(p.numel() for p in t.model.language_model.parameters())
+    n_s = sum(p.numel() for p in s.model.language_model.parameters())
+    assert n_s * 3 < n_t
