@@ -112,7 +112,7 @@ def load_media(path: Path) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or arr.shape[0] < 1:
         raise ConfigError(f"media {str(path)!r}: expected uint8 (F, H, W, 3), "
                           f"got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, order="C", copy=True))
 
 
 def generator_for(image_size: int, num_frames: int) -> P.GeneratorConfig:
