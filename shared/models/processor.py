@@ -46,6 +46,8 @@ class ProcessorConfig:
     """Qwen2-VL spatial merge (2 x 2 patches -> 1 token)."""
     temporal_patch_size: int = 2
     """Qwen2-VL frames per temporal patch."""
+    question_first: bool = False
+    """Put the question before the visual block, so visual tokens can attend to it."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -227,7 +229,10 @@ class VLMProcessor:
                  if answers is not None else None)
         seqs, labels = [], []
         for i, q in enumerate(q_ids):
-            prompt = [self.bos_id, *visual, *q, self.answer_id]
+            if self.config.question_first:
+                prompt = [self.bos_id, *q, *visual, self.answer_id]
+            else:
+                prompt = [self.bos_id, *visual, *q, self.answer_id]
             tail = [*a_ids[i], self.eos_id] if a_ids is not None else []
             seqs.append(prompt + tail)
             labels.append([-100] * len(prompt) + tail)
