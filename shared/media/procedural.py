@@ -175,7 +175,8 @@ def _make(rng: np.random.Generator, cfg: GeneratorConfig, domain: str, qtype: st
         length = int(rng.integers(1, grid))
         lane = int(rng.integers(0, grid))
         start = int(rng.integers(0, grid - length))
-        a, b = (start, start + length) if direction in ("right", "down") else (start + length, start)
+        forward = direction in ("right", "down")
+        a, b = (start, start + length) if forward else (start + length, start)
         if direction in ("left", "right"):
             p0, p1 = lane * grid + a, lane * grid + b
             cells = [c for c in cells if c // grid != lane]
@@ -297,7 +298,8 @@ def _background(rng: np.random.Generator, domain: str, size: int) -> np.ndarray:
 def _hue_rotation(theta: float) -> np.ndarray:
     k = np.full(3, 1 / math.sqrt(3), dtype=np.float64)
     kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    rot = math.cos(theta) * np.eye(3) + math.sin(theta) * kx + (1 - math.cos(theta)) * np.outer(k, k)
+    c, s = math.cos(theta), math.sin(theta)
+    rot = c * np.eye(3) + s * kx + (1 - c) * np.outer(k, k)  # Rodrigues: rotate about grey
     return rot.astype(np.float32)
 
 
