@@ -5,7 +5,7 @@ projector, then the student LM on `source` over the frozen visual tokens); only 
 longer. Used while the committed zoo student was near chance. Writes `<out>/student`.
 
 Usage:
-    python -m bench.device_figures_student /tmp/figures 1200 1200 1500   # out, videos/domain,
+    python -m bench.device_figures_student /tmp/figures 3000 1500 3000   # out, videos/domain,
                                                                            # vision steps, LM steps
 """
 
