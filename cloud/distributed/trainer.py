@@ -84,8 +84,9 @@ class AkdJobTrainer:
         student, _ = load_checkpoint(config.student_dir)
         embeddings = cast(nn.Embedding, cast(Any, student).get_input_embeddings())
         self._width = int(embeddings.embedding_dim)
-        torch.manual_seed(config.seed)  # the same fresh LoRA a job with this seed starts from
-        peft_model = attach_lora(student, self._template.lora_spec())
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+            torch.manual_seed(config.seed)  # the same fresh LoRA a job with this seed starts from
+            peft_model = attach_lora(student, self._template.lora_spec())
         self._initial = {k: v.detach().clone()
                          for k, v in get_peft_model_state_dict(peft_model).items()}
 

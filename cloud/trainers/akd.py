@@ -1,0 +1,122 @@
+"""The "akd" trainer: AKD rounds from the zoo teacher into the zoo student's LoRA adapters.
+
+The adapter layout is the device's (device/runtime/loader.py `StudentConfig` defaults: peft LoRA
+r=8, alpha=16, dropout 0 on the LLM's attention/MLP projections, A matrices drawn under
+`torch.manual_seed(lora_seed)` right before `get_peft_model`), so version 0 here equals a fresh
+device's version 0 bit for bit and every update decodes onto the weights the device serves. The
+values are copied, not imported: the cloud never imports the device package.
+
+Each round runs as a distillation job (cloud/distributed/trainer.py) in the worker's process by
+default; peft and transformers are imported only when the trainer is built, so a daemon with
+another trainer starts without them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud.trainers.base import JobContext, StateDict, TrainResult
+from shared.errors import ConfigError, WireFormatError
+from shared.types import UploadSample
+
+DEVICE_LORA_TARGETS = (r".*language_model.*\."
+                       r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+"""Equal to device/runtime/loader.py `StudentConfig.lora_targets` (tests/integration checks)."""
+FEATURE_SPACE = "projected"
+"""What devices upload: post-projector tokens of the vision tower + projector both sides share."""
+
+
+@dataclass(frozen=True, slots=True)
+class AkdTrainerConfig:
+    """Options of the "akd" trainer (`[worker.trainer_options]` in cloud.toml)."""
+
+    zoo: str = "default"
+    """Zoo whose teacher/student are used when `student_dir`/`teacher_dir` are empty."""
+    student_dir: str = ""
+    """Student checkpoint (HF save_pretrained + processor files); the devices' base model."""
+    teacher_dir: str = ""
+    work_dir: str = ""
+    """Per-job directories; empty: a fresh temporary directory per daemon."""
+    label_cache_dir: str = ""
+    """Teacher label cache reused across rounds; empty: <work_dir>/labels."""
+    steps: int = 40
+    lr: float = 1e-3
+    batch_size: int = 4
+    replay_ratio: float = 0.25
+    """Share of each batch from a replay pool (AKDConfig); no pool is wired in yet."""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = DEVICE_LORA_TARGETS
+    lora_seed: int = 0
+    """Seed of version 0's LoRA A matrices; must equal the devices' `lora_seed`."""
+    nproc_per_node: int = 1
+    """1: rounds run in the worker's process; N > 1: torchrun jobs with N ranks."""
+    threads_per_rank: int = 1
+    akd: dict[str, Any] = field(default_factory=dict)
+    """Further AKDConfig options (temperature, loss weights, ...)."""
+    labelling: dict[str, Any] = field(default_factory=dict)
+    """LabellingConfig options (e.g. max_new_tokens of the teacher)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lora_r", "lora_alpha", "nproc_per_node",
+                     "threads_per_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"`lr` must be > 0, got {self.lr}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ConfigError(f"`replay_ratio` must be in [0, 1), got {self.replay_ratio}")
+        for name in ("akd", "labelling"):
+            clash = {"steps", "lr", "batch_size", "replay_ratio", "seed"} & set(getattr(self, name))
+            if clash:
+                raise ConfigError(f"`{name}`: set {sorted(clash)} as top-level options")
+
+
+class AkdTrainer:
+    """`cloud.trainers.Trainer` over the AKD job trainer, in the device's adapter layout."""
+
+    def __init__(self, cfg: AkdTrainerConfig) -> None:
+        from cloud.distributed.trainer import AkdJobConfig, AkdJobTrainer  # peft: seconds
+        from shared.models.zoo import ensure_zoo
+
+        self.cfg = cfg
+        student, teacher = cfg.student_dir, cfg.teacher_dir
+        if not student or not teacher:
+            paths = ensure_zoo(cfg.zoo)
+            student, teacher = student or str(paths.student), teacher or str(paths.teacher)
+        for name, path in (("student_dir", student), ("teacher_dir", teacher)):
+            if not (Path(path) / "config.json").is_file():
+                raise ConfigError(f"`{name}` {path!r} has no config.json; expected an HF "
+                                  "save_pretrained directory")
+        work = cfg.work_dir or tempfile.mkdtemp(prefix="cdca-akd-")
+        self._jobs = AkdJobTrainer(AkdJobConfig(
+            student_dir=student, teacher_dir=teacher,
+            label_cache_dir=cfg.label_cache_dir or str(Path(work) / "labels"), work_dir=work,
+            nproc_per_node=cfg.nproc_per_node, threads_per_rank=cfg.threads_per_rank,
+            steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.lora_seed,
+            akd={**cfg.akd, "replay_ratio": cfg.replay_ratio},
+            lora={"rank": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0,
+                  "targets": cfg.lora_targets},
+            labelling=dict(cfg.labelling)))
+        self.base_model_hash = self._jobs.base_model_hash
+
+    def initial_adapter(self) -> StateDict:
+        """The fresh LoRA every device builds from the same checkpoint and seed (version 0)."""
+        return self._jobs.initial_adapter()
+
+    def check_sample(self, sample: UploadSample) -> None:
+        """Only projected visual tokens of the student's width can be distilled from."""
+        tokens = sample.tokens
+        if tokens is not None and tokens.feature_space != FEATURE_SPACE:
+            raise WireFormatError(f"tokens.feature_space: got {tokens.feature_space!r}, "
+                                  f"expected {FEATURE_SPACE!r}")
+        self._jobs.check_sample(sample)
+
+    def train(self, adapter: StateDict, samples: Sequence[UploadSample],
+              ctx: JobContext) -> TrainResult:
+        """One AKD round from `adapter`; a finished job's checkpoint is returned on retry."""
+        return self._jobs.train(adapter, samples, ctx)

@@ -1,0 +1,139 @@
+"""The real cloud-server with the "akd" trainer on the test zoo, and a device built from the same
+student checkpoint: version 0 is the same adapter on both sides, the device's projected tokens are
+accepted, a round distils from the teacher, and the device verifies and applies the update to
+within the DWC error of the cloud's target."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from cloud.labels import checkpoint_hash
+from cloud.store.files import state_from_bytes
+from cloud.trainers import TRAINERS
+from cloud.trainers.akd import DEVICE_LORA_TARGETS
+from device.compress import COMPRESSORS
+from device.runtime.adapter_store import AdapterStore
+from device.runtime.inference import DeviceInference
+from device.runtime.loader import StudentConfig, adapter_state, load_student
+from device.sampling.payload import pack_tokens
+from device.sync.client import GrpcTransport
+from device.sync.credentials import Credentials
+from device.sync.updater import AdapterUpdater, UpdaterConfig
+from shared.errors import WireFormatError
+from shared.media import procedural as P
+from shared.models.zoo import ZooPaths, ensure_zoo
+from shared.types import Enrollment, SampleBatch, UploadSample, VisualTokens
+from shared.wire import convert
+from tests.cloud.daemon import SECRET, start_cloud
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> ZooPaths:
+    torch.set_num_threads(1)
+    return ensure_zoo("test", cache_dir=tmp_path_factory.mktemp("zoo"), evaluate_after=False)
+
+
+def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[k].flatten().double() for k in sorted(state)])
+
+
+def test_version_zero_and_sample_checks_match_the_device(zoo: ZooPaths, tmp_path: Path) -> None:
+    defaults = StudentConfig(zoo.student)
+    assert DEVICE_LORA_TARGETS == defaults.lora_targets
+    cloud = TRAINERS.build("akd", {"student_dir": str(zoo.student),
+                                   "teacher_dir": str(zoo.teacher),
+                                   "work_dir": str(tmp_path / "akd")})
+    device = adapter_state(load_student(defaults).model)
+    v0 = cloud.initial_adapter()
+    assert v0.keys() == device.keys() and len(v0) > 0
+    assert all(torch.equal(v0[k], device[k]) for k in v0)  # bit for bit
+    assert any(float(v.abs().sum()) > 0 for v in v0.values())  # the A matrices are drawn
+    assert cloud.base_model_hash == checkpoint_hash(zoo.student)
+
+    width = int(load_student(defaults).model.get_input_embeddings().embedding_dim)
+
+    def upload(space: str, d: int) -> UploadSample:
+        return UploadSample("s", "video", "q?", "", 0.1, tokens=VisualTokens(
+            np.zeros((2, d), np.float16), np.arange(2), (1, 1, 2), space))
+
+    cloud.check_sample(upload("projected", width))
+    with pytest.raises(WireFormatError, match="feature_space"):
+        cloud.check_sample(upload("vision", width))
+    with pytest.raises(WireFormatError, match="width"):
+        cloud.check_sample(upload("projected", width + 1))
+
+
+def test_round_on_zoo_models_reaches_the_device(zoo: ZooPaths, tmp_path: Path) -> None:
+    server = start_cloud(tmp_path, worker={
+        "threshold_samples": 4, "schedule_s": 3600.0, "trainer": "akd",
+        "trainer_options": {"student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
+                            "work_dir": str(tmp_path / "akd"), "steps": 4, "batch_size": 2,
+                            "lr": 5e-3, "labelling": {"max_new_tokens": 4}}})
+    try:
+        student = load_student(StudentConfig(zoo.student))
+        v0 = adapter_state(student.model)
+        with GrpcTransport(grpc.insecure_channel(server.address), 30.0) as transport:
+            grant = transport.register(Enrollment("cam-akd", SECRET, "test"))
+            assert grant.base_model_hash == checkpoint_hash(zoo.student)
+            transport.credentials = Credentials("cam-akd", grant.device_token,
+                                                grant.cloud_public_key, grant.base_model_hash)
+            # what the agent uploads: kept post-projector tokens of its own inference
+            items = P.batch("blur", 4, seed=3)
+            inference = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3)
+            results = inference.run([s.frames for s in items], [s.question for s in items],
+                                    [s.sample_id for s in items])
+            uploads = tuple(
+                UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
+                    r.features, r.record.keep, r.grid, "projected", "float16"))
+                for s, r in zip(items, results, strict=True))
+            sent = time.monotonic()
+            receipt = transport.upload("up-1", convert.encode_sample_batch(
+                SampleBatch(0, uploads)))
+            assert receipt.stored_samples == 4, receipt
+            update = None
+            while update is None and time.monotonic() - sent < 90:
+                update = transport.fetch_update(0, 64 << 20)
+                if update is None:
+                    time.sleep(0.2)
+            round_s = time.monotonic() - sent
+            assert update is not None, server.logs()[-3000:]
+            header, payload = update
+            updater = AdapterUpdater(student.model, AdapterStore(tmp_path / "adapters"),
+                                     UpdaterConfig(rollback_margin=1.0), "cam-akd",
+                                     grant.cloud_public_key, grant.base_model_hash,
+                                     probe=lambda: 1.0)
+            ack = updater.apply(header, payload)
+            assert ack.outcome == "applied", ack
+            assert transport.ack(ack) == header.version
+        db = sqlite3.connect(tmp_path / "cloud" / "cloud.sqlite3", timeout=10)
+        target_blob, metrics = db.execute(
+            "SELECT target_blob, metrics FROM updates WHERE version=?",
+            (header.version,)).fetchone()
+        db.close()
+        target = state_from_bytes(
+            (tmp_path / "cloud" / "blobs" / "adapters" / target_blob).read_bytes())
+        figures = json.loads(metrics)
+        applied = adapter_state(student.model)
+        assert applied.keys() == target.keys() == v0.keys()
+        delta = _flat(target) - _flat(v0)
+        assert float(delta.norm()) > 0  # the round changed the adapter
+        error = float((_flat(applied) - _flat(target)).norm() / delta.norm())
+        assert error <= figures["relative_error"] + 1e-6, (error, figures)
+        assert figures["label_hit_rate"] == 0.0 and "loss_first" in figures
+        log.info("akd round %s", json.dumps({"round_s": round(round_s, 2), "error": error,
+                                             "payload_bytes": header.payload_bytes}))
+    finally:
+        server.stop(signal.SIGTERM)
