@@ -1,0 +1,69 @@
+"""Accuracy of the zoo models and of the adapter versions the devices stored on disk.
+
+The adapters are peft LoRA state dicts (`<data_dir>/adapters/v<version>.safetensors`, see the
+device's adapter store); they are loaded here onto a fresh copy of the student with the same
+LoRA shape the device uses. Evaluation runs the uncompressed student (all visual tokens) with
+`shared.models.evaluate`, so it measures the adapter, not the device's token compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from shared.media import procedural as P
+from shared.models import evaluate, load_vlm
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def eval_sets(domains: Sequence[str], n: int, seed: int, image_size: int, num_frames: int
+              ) -> dict[str, list[P.QASample]]:
+    """`n` held-out video questions per domain (a seed no device stream uses)."""
+    gen = P.GeneratorConfig(frame_size=image_size, num_frames=num_frames)
+    return {d: P.batch(d, n, seed, "video", gen) for d in domains}
+
+
+class Evaluator:
+    """Caches accuracies by adapter content, so a version evaluated once is not rerun."""
+
+    def __init__(self, teacher_dir: Path, student_dir: Path, sets: dict[str, list[P.QASample]],
+                 lora_r: int = 8, lora_alpha: int = 16) -> None:
+        self.teacher_dir, self.student_dir, self.sets = teacher_dir, student_dir, sets
+        self.lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=LORA_TARGETS,
+                               lora_dropout=0.0)
+        self._student: Any = None
+        self._cache: dict[str, dict[str, float]] = {}
+
+    def _score(self, loaded: Any) -> dict[str, float]:
+        return {d: float(evaluate(loaded, s)["overall"]["acc"]) for d, s in self.sets.items()}
+
+    def teacher(self) -> dict[str, float]:
+        return self._score(load_vlm(self.teacher_dir))
+
+    def student(self) -> dict[str, float]:
+        return self._score(load_vlm(self.student_dir))
+
+    def adapter(self, path: Path) -> dict[str, float]:
+        """Accuracy per eval domain of the student carrying the adapter in `path`."""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in self._cache:
+            if self._student is None:
+                loaded = load_vlm(self.student_dir)
+                self._student = dataclasses.replace(
+                    loaded, model=get_peft_model(loaded.model, self.lora))
+            state = load_file(str(path))
+            result = set_peft_model_state_dict(self._student.model, state)
+            if result.unexpected_keys:
+                raise ValueError(f"{path}: tensors the student lacks: "
+                                 f"{result.unexpected_keys[:3]}")
+            with torch.no_grad():
+                self._cache[digest] = self._score(self._student)
+        return self._cache[digest]

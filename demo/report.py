@@ -1,0 +1,108 @@
+"""The demo's results as a table, a Markdown report, PNG plots and demo.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("round", "device", "domain", "acc_shifted", "acc_source", "samples_seen",
+           "uploaded_samples", "uplink_bytes", "raw_frame_bytes", "downlink_bytes",
+           "adapter_version", "rollbacks")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the per-round, per-device rows."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """accuracy.png (per device vs round, with teacher and un-adapted student) and bytes.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    devices = result["devices"]
+    refs = result["references"]
+    fig, axes = plt.subplots(1, len(devices), figsize=(5 * len(devices), 4), squeeze=False)
+    for ax, (dev, info) in zip(axes[0], devices.items(), strict=True):
+        mine = [r for r in rows if r["device"] == dev]
+        rounds = [r["round"] for r in mine]
+        dom = info["domain"]
+        ax.plot(rounds, [r["acc_shifted"] for r in mine], "o-", label=f"device on {dom}")
+        ax.plot(rounds, [r["acc_source"] for r in mine], "s-", label="device on source")
+        for name, style in (("teacher", "--"), ("student", ":")):
+            ax.axhline(refs[name][dom], linestyle=style, color="k" if name == "teacher" else "gray",
+                       label=f"{name} on {dom}")
+        ax.set_title(f"{dev} ({dom})")
+        ax.set_xlabel("round")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    acc_png = out / "accuracy.png"
+    fig.savefig(acc_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.2
+    for i, dev in enumerate(devices):
+        mine = [r for r in rows if r["device"] == dev and r["round"] > 0]
+        xs = [r["round"] + (i - 0.5) * 2 * width for r in mine]
+        ax.bar([x - width / 2 for x in xs], [r["uplink_bytes"] for r in mine], width,
+               label=f"{dev} up")
+        ax.bar([x + width / 2 for x in xs], [r["downlink_bytes"] for r in mine], width,
+               label=f"{dev} down")
+    ax.set_yscale("symlog")
+    ax.set_xlabel("round")
+    ax.set_ylabel("bytes")
+    ax.set_title("uplink (selected tokens) and downlink (DWC updates) per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    bytes_png = out / "bytes.png"
+    fig.savefig(bytes_png, dpi=100)
+    plt.close(fig)
+    return [acc_png, bytes_png]
+
+
+def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """demo.json, report.md and the plots into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = plots(result, out)
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    refs = result["references"]
+    ref_lines = [f"| {name} | " + " | ".join(f"{refs[name][d]:.3f}" for d in result["eval_domains"])
+                 + " |" for name in ("teacher", "student")]
+    s = result["settings"]
+    md = [
+        "# CDCA demo", "",
+        f"Command: `{result['command']}`; wall time {result['wall_s']:.0f} s; trainer "
+        f"`{s['trainer']}`; zoo `{s['zoo']}`; {s['rounds']} rounds of {s['samples_per_round']} "
+        f"samples per device; cloud exit code {result['cloud_exit_code']}.", "",
+        "Real processes on 127.0.0.1 with mutual TLS: one `cloud-server`, two `device-agent`s "
+        "(each `register`, then per round a `run` over its shifted stream and a short `run` that "
+        "downloads, verifies, probes and applies the round's update).", "",
+        "## References (held-out, exact match, uncompressed)", "",
+        "| model | " + " | ".join(result["eval_domains"]) + " |",
+        "|---|" + "---|" * len(result["eval_domains"]), *ref_lines, "",
+        "## Per round and device", "",
+        "Round 0 is the un-adapted student. Accuracy: the adapter version the device stored at "
+        "the end of the round, evaluated on held-out samples of its shifted domain and of source "
+        f"({s['eval_samples']} each). Bytes are per round; `raw_frame_bytes` is what the "
+        "uploaded samples' raw uint8 frames would have cost.", "",
+        table(result["rows"]), "",
+        "![accuracy](accuracy.png)", "", "![bytes](bytes.png)", "",
+        "## Notes", "", *[f"- {n}" for n in result["notes"]], "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    return {"json": out / "demo.json", "md": out / "report.md", "plots": pngs[0]}
