@@ -106,7 +106,8 @@ class AdapterUpdater:
             current = adapter_state(self.model)
             new_state = codec.decode(payload, current)
         except CdcaError as e:  # ConfigError (unknown codec) included
-            log.warning("update rejected", extra={"version": header.version, "reason": str(e)})
+            log.warning("update rejected", extra={"version": header.version, "reason": str(e),
+                                                 "payload_bytes": len(payload)})
             return UpdateAck(header.version, "rejected", detail=str(e)[:1024])
         previous = self.version
         before = self._accuracy(previous)
@@ -120,13 +121,15 @@ class AdapterUpdater:
             self.store.swap(Pointer(previous, None))
             self.version = previous
             log.warning("update rolled back", extra={"version": header.version,
-                                                     "probe": after, "previous_probe": before})
+                                                     "probe": after, "previous_probe": before,
+                                                     "payload_bytes": len(payload)})
             return UpdateAck(header.version, "rolled_back", after, before,
                              f"probe accuracy {after:.3f} < {before:.3f} - margin "
                              f"{self.config.rollback_margin}")
         self.store.swap(Pointer(header.version, previous))
         self._probe_cache[header.version] = after
         log.info("update applied", extra={"version": header.version, "probe": after,
-                                          "previous_probe": before})
+                                          "previous_probe": before,
+                                          "payload_bytes": len(payload)})
         return UpdateAck(header.version, "applied", after, before)
 
