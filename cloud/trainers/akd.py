@@ -6,9 +6,13 @@ r=8, alpha=16, dropout 0 on the LLM's attention/MLP projections, A matrices draw
 device's version 0 bit for bit and every update decodes onto the weights the device serves. The
 values are copied, not imported: the cloud never imports the device package.
 
-Each round runs as a distillation job (cloud/distributed/trainer.py) in the worker's process by
-default; peft and transformers are imported only when the trainer is built, so a daemon with
-another trainer starts without them.
+With `nproc_per_node` 1 (the default) a round runs in the worker's process on models loaded once:
+teacher labels come from the label cache (the teacher is loaded on the first miss), then
+`AdapterDistiller.fit` trains the LoRA weights, checkpointing through the JobContext every
+`checkpoint_every` steps so that a stopped or crashed round resumes at its last checkpoint with
+the same batches. With more ranks a round is a torchrun job (cloud/distributed/trainer.py),
+checkpointed once at its end. peft and transformers are imported only when the trainer is built,
+so a daemon with another trainer starts without them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from cloud.trainers.base import JobContext, StateDict, TrainResult
 from shared.errors import ConfigError, WireFormatError
@@ -56,6 +62,8 @@ class AkdTrainerConfig:
     nproc_per_node: int = 1
     """1: rounds run in the worker's process; N > 1: torchrun jobs with N ranks."""
     threads_per_rank: int = 1
+    checkpoint_every: int = 10
+    """Steps between checkpoints of an in-process round (its last step always checkpoints)."""
     akd: dict[str, Any] = field(default_factory=dict)
     """Further AKDConfig options (temperature, loss weights, ...)."""
     labelling: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +71,7 @@ class AkdTrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lora_r", "lora_alpha", "nproc_per_node",
-                     "threads_per_rank"):
+                     "threads_per_rank", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -103,6 +111,22 @@ class AkdTrainer:
                   "targets": cfg.lora_targets},
             labelling=dict(cfg.labelling)))
         self.base_model_hash = self._jobs.base_model_hash
+        self._spec = self._jobs.config.template()
+        self._teacher_dir = teacher
+        self._teacher: Any = None
+        self._student: Any = None
+        self._formatter: Any = None
+        if cfg.nproc_per_node == 1:
+            from cloud.distill import attach_lora
+            from cloud.distributed.job import load_checkpoint
+            from cloud.labels import checkpoint_hash, prompt_digest
+
+            base, self._formatter = load_checkpoint(student)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.lora_seed)  # as the job trainer and the devices do
+                self._student = attach_lora(base, self._spec.lora_spec())
+            self._teacher_hash = checkpoint_hash(teacher)
+            self._prompt = prompt_digest(self._formatter)
 
     def initial_adapter(self) -> StateDict:
         """The fresh LoRA every device builds from the same checkpoint and seed (version 0)."""
@@ -118,5 +142,63 @@ class AkdTrainer:
 
     def train(self, adapter: StateDict, samples: Sequence[UploadSample],
               ctx: JobContext) -> TrainResult:
-        """One AKD round from `adapter`; a finished job's checkpoint is returned on retry."""
-        return self._jobs.train(adapter, samples, ctx)
+        """One AKD round from `adapter`, resumed from the job's last checkpoint if it has one."""
+        if self._student is None:
+            return self._jobs.train(adapter, samples, ctx)
+        from peft import set_peft_model_state_dict
+
+        from cloud.distill import AdapterDistiller, DistillSample
+
+        steps = self.cfg.steps
+        restored = ctx.restore()
+        start, weights = (0, adapter) if restored is None else restored
+        if start >= steps:
+            return TrainResult(adapter=weights, metrics={"restored": 1.0})
+        distill = [DistillSample.from_upload(s) for s in samples]
+        labels, hits = self._labels(distill)
+        set_peft_model_state_dict(self._student, weights)
+
+        def on_step(step: int, losses: Any) -> None:
+            done = step + 1
+            if done < steps and done % self.cfg.checkpoint_every == 0:
+                ctx.checkpoint(done, self._adapter_now())
+
+        result = AdapterDistiller(self._spec.akd_config()).fit(
+            self._student, None, distill, formatter=self._formatter, labels=labels,
+            start_step=start, on_step=on_step)
+        ctx.checkpoint(steps, result.adapter)
+        metrics = {**result.metrics, "start_step": float(start),
+                   "label_hit_rate": hits / len(distill)}
+        return TrainResult(adapter=dict(result.adapter), metrics=metrics)
+
+    def _adapter_now(self) -> StateDict:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in
+                get_peft_model_state_dict(self._student).items()}
+
+    def _labels(self, samples: list[Any]) -> tuple[list[Any], int]:
+        """Teacher labels of `samples` from the cache, labelling (and caching) the misses."""
+        from cloud.distill import label
+        from cloud.distributed.job import load_checkpoint
+        from cloud.labels import SqliteLabelCache, label_key
+
+        config = self._spec.labelling_config()
+        keys = [label_key(self._teacher_hash, s, config, self._prompt) for s in samples]
+        cache = SqliteLabelCache(self._spec.label_cache_dir)
+        try:
+            found = [cache.get(k) for k in keys]
+            todo = [i for i, lab in enumerate(found) if lab is None]
+            if todo:
+                if self._teacher is None:
+                    self._teacher, _ = load_checkpoint(self._teacher_dir)
+                    self._teacher.requires_grad_(False)
+                new = label(self._teacher, [samples[i] for i in todo], self._formatter,
+                            max_new_tokens=config.max_new_tokens,
+                            prefer_reference=config.prefer_reference)
+                for i, lab in zip(todo, new, strict=True):
+                    cache.put(keys[i], lab)
+                    found[i] = lab
+        finally:
+            cache.close()
+        return found, len(samples) - len(todo)

@@ -19,7 +19,7 @@ import torch
 
 from cloud.labels import checkpoint_hash
 from cloud.store.files import state_from_bytes
-from cloud.trainers import TRAINERS
+from cloud.trainers import TRAINERS, JobInterrupted
 from cloud.trainers.akd import DEVICE_LORA_TARGETS
 from device.compress import COMPRESSORS
 from device.runtime.adapter_store import AdapterStore
@@ -74,6 +74,55 @@ def test_version_zero_and_sample_checks_match_the_device(zoo: ZooPaths, tmp_path
         cloud.check_sample(upload("vision", width))
     with pytest.raises(WireFormatError, match="width"):
         cloud.check_sample(upload("projected", width + 1))
+
+
+class _Ctx:
+    """In-memory JobContext that stops the round at its `stop_at`-th checkpoint."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.job_id = "job-1"
+        self.saved: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.steps: list[int] = []
+        self.stop_at = stop_at
+
+    def restore(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        return self.saved
+
+    def checkpoint(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.saved = (step, {k: v.clone() for k, v in tensors.items()})
+        self.steps.append(step)
+        if len(self.steps) == self.stop_at:
+            raise JobInterrupted("stopping")
+
+
+def test_interrupted_round_resumes_from_its_checkpoint(zoo: ZooPaths, tmp_path: Path) -> None:
+    trainer = TRAINERS.build("akd", {
+        "student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
+        "work_dir": str(tmp_path / "akd"), "steps": 6, "batch_size": 2, "lr": 5e-3,
+        "checkpoint_every": 2, "labelling": {"max_new_tokens": 4}})
+    student = load_student(StudentConfig(zoo.student))
+    items = P.batch("blur", 3, seed=5)
+    results = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3).run(
+        [s.frames for s in items], [s.question for s in items], [s.sample_id for s in items])
+    uploads = [UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
+        r.features, r.record.keep, r.grid, "projected", "float16"))
+        for s, r in zip(items, results, strict=True)]
+    start = trainer.initial_adapter()
+    ctx = _Ctx(stop_at=2)
+    with pytest.raises(JobInterrupted):
+        trainer.train(start, uploads, ctx)
+    assert ctx.steps == [2, 4] and ctx.saved is not None
+    at_four = ctx.saved[1]
+    assert any(not torch.equal(at_four[k], start[k]) for k in start)
+    ctx.stop_at = None
+    done = trainer.train(start, uploads, ctx)  # the worker passes the round's start adapter again
+    assert ctx.steps == [2, 4, 6]
+    assert done.metrics["start_step"] == 4.0 and done.metrics["label_hit_rate"] == 1.0
+    assert done.adapter.keys() == start.keys()
+    assert any(not torch.equal(done.adapter[k], at_four[k]) for k in start)
+    again = trainer.train(start, uploads, ctx)  # a retry of a finished round does not retrain
+    assert again.metrics == {"restored": 1.0}
+    assert all(torch.equal(again.adapter[k], done.adapter[k]) for k in start)
 
 
 def test_round_on_zoo_models_reaches_the_device(zoo: ZooPaths, tmp_path: Path) -> None:
