@@ -36,7 +36,7 @@ class DemoConfig:
 
     rounds: int = 3
     samples_per_round: int = 32
-    eval_samples: int = 48
+    eval_samples: int = 96
     calibration_samples: int = 16
     probe_samples: int = 16
     trainer: str = "akd"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 from shared.media import procedural as P
 from shared.models import evaluate, load_vlm
@@ -41,6 +42,7 @@ class Evaluator:
                                lora_dropout=0.0)
         self._student: Any = None
         self._cache: dict[str, dict[str, float]] = {}
+        hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars
 
     def _score(self, loaded: Any) -> dict[str, float]:
         return {d: float(evaluate(loaded, s)["overall"]["acc"]) for d, s in self.sets.items()}

@@ -45,6 +45,7 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
             ax.axhline(refs[name][dom], linestyle=style, color="k" if name == "teacher" else "gray",
                        label=f"{name} on {dom}")
         ax.set_title(f"{dev} ({dom})")
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
         ax.set_ylabel("exact-match accuracy")
         ax.set_ylim(0, 1)
@@ -54,16 +55,18 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(acc_png, dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.2
     for i, dev in enumerate(devices):
         mine = [r for r in rows if r["device"] == dev and r["round"] > 0]
-        xs = [r["round"] + (i - 0.5) * 2 * width for r in mine]
-        ax.bar([x - width / 2 for x in xs], [r["uplink_bytes"] for r in mine], width,
-               label=f"{dev} up")
-        ax.bar([x + width / 2 for x in xs], [r["downlink_bytes"] for r in mine], width,
-               label=f"{dev} down")
-    ax.set_yscale("symlog")
+        up_x = [r["round"] + (2 * i - 1.5) * width for r in mine]
+        down_x = [x + width for x in up_x]
+        ax.bar(up_x, [r["uplink_bytes"] for r in mine], width, label=f"{dev} uplink")
+        ax.bar(down_x, [r["downlink_bytes"] for r in mine], width, label=f"{dev} downlink")
+        ax.scatter(up_x, [r["raw_frame_bytes"] for r in mine], marker="_", s=200, color="k",
+                   label="raw frames of the uploaded samples" if i == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["round"] for r in rows if r["round"] > 0}))
     ax.set_xlabel("round")
     ax.set_ylabel("bytes")
     ax.set_title("uplink (selected tokens) and downlink (DWC updates) per round")
@@ -98,8 +101,9 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
         "## Per round and device", "",
         "Round 0 is the un-adapted student. Accuracy: the adapter version the device stored at "
         "the end of the round, evaluated on held-out samples of its shifted domain and of source "
-        f"({s['eval_samples']} each). Bytes are per round; `raw_frame_bytes` is what the "
-        "uploaded samples' raw uint8 frames would have cost.", "",
+        f"({s['eval_samples']} each). `samples_seen` is the "
+        "stream position (cumulative); the other counts and bytes are per round; "
+        "`raw_frame_bytes` is what the uploaded samples' raw uint8 frames would have cost.", "",
         table(result["rows"]), "",
         "![accuracy](accuracy.png)", "", "![bytes](bytes.png)", "",
         "## Notes", "", *[f"- {n}" for n in result["notes"]], "",
