@@ -135,7 +135,7 @@ class FaultProxy:
                         continue
                     peers[s].sendall(data)
                     self.stats.bytes_forwarded += len(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: another thread reset (closed) this socket
             return
         finally:
             for s in (a, b):
