@@ -182,12 +182,13 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path) -> dict[str, Any]:
         seen = {d.device_id: 0 for d in devices}
         prev = {d.device_id: {"uploaded_samples": 0, "uploaded_bytes": 0} for d in devices}
         for r in range(1, cfg.rounds + 1):
+            round_t0 = time.monotonic()
             events_before = {d.device_id: len(d.update_events) for d in devices}
             limits = {k: v + cfg.samples_per_round for k, v in seen.items()}
             _run_all(devices, limits, f"round {r} stream")
             uploaded = {d.device_id: d.local_status().get("uploaded_samples", 0)
                         - prev[d.device_id]["uploaded_samples"] for d in devices}
-            _wait_for_updates(devices, uploaded, timeout_s=240)
+            cloud_view = _wait_for_updates(devices, uploaded, timeout_s=240)
             # the update arrives through a short run: poll, verify, apply, probe
             sync_limits = {d.device_id: d.local_status()["samples_seen"] + cfg.batch_size
                            for d in devices}
@@ -209,6 +210,9 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path) -> dict[str, Any]:
                     "updates_applied": sum(e["msg"] == "update applied" for e in new_events),
                     "rollbacks": sum(e["msg"] == "update rolled back" for e in new_events),
                     "rejected": sum(e["msg"] == "update rejected" for e in new_events),
+                    "probes": [[e.get("previous_probe"), e.get("probe")] for e in new_events],
+                    "cloud_rounds": cloud_view.get(d.device_id, {}).get("rounds"),
+                    "round_s": round(time.monotonic() - round_t0, 1),
                 })
                 prev[d.device_id] = st
     finally:

@@ -8,10 +8,12 @@ from typing import Any
 
 COLUMNS = ("round", "device", "domain", "acc_shifted", "acc_source", "samples_seen",
            "uploaded_samples", "uplink_bytes", "raw_frame_bytes", "downlink_bytes",
-           "adapter_version", "rollbacks")
+           "adapter_version", "rollbacks", "round_s")
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str = "") -> str:
+    if isinstance(v, float) and column == "round_s":
+        return f"{v:.0f}"
     if isinstance(v, float):
         return f"{v:.3f}"
     return "-" if v is None else str(v)
@@ -20,7 +22,7 @@ def _fmt(v: Any) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the per-round, per-device rows."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -105,6 +107,11 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
         "stream position (cumulative); the other counts and bytes are per round; "
         "`raw_frame_bytes` is what the uploaded samples' raw uint8 frames would have cost.", "",
         table(result["rows"]), "",
+        "Device probe (source accuracy of the serving model before -> after each update, "
+        f"{s['probe_samples']} samples; an update more than 0.05 worse is rolled back):", "",
+        *[f"- round {r['round']} {r['device']}: " + ", ".join(
+            f"{b:.3f} -> {a:.3f}" for b, a in r["probes"] if a is not None and b is not None)
+          for r in result["rows"] if r.get("probes")], "",
         "![accuracy](accuracy.png)", "", "![bytes](bytes.png)", "",
         "## Notes", "", *[f"- {n}" for n in result["notes"]], "",
     ]
