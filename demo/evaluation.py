@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
@@ -59,13 +64,14 @@ class Evaluator:
         if digest not in self._cache:
             if self._student is None:
                 loaded = load_vlm(self.student_dir)
-                self._student = dataclasses.replace(
-                    loaded, model=get_peft_model(loaded.model, self.lora))
+                peft_model: Any = get_peft_model(loaded.model, self.lora)
+                self._student = dataclasses.replace(loaded, model=peft_model)
             state = load_file(str(path))
-            result = set_peft_model_state_dict(self._student.model, state)
-            if result.unexpected_keys:
-                raise ValueError(f"{path}: tensors the student lacks: "
-                                 f"{result.unexpected_keys[:3]}")
+            expected = set(get_peft_model_state_dict(self._student.model))
+            if set(state) != expected:
+                raise ValueError(f"{path}: adapter tensors differ from the student's LoRA: "
+                                 f"{sorted(set(state) ^ expected)[:3]}")
+            set_peft_model_state_dict(self._student.model, state)
             with torch.no_grad():
                 self._cache[digest] = self._score(self._student)
         return self._cache[digest]
