@@ -55,8 +55,9 @@ class WorkerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    trainer: str = "tiny-kd"
-    """Registry key in cloud.trainers.TRAINERS."""
+    trainer: str = "akd"
+    """Registry key in cloud.trainers.TRAINERS: "akd" (the zoo teacher distilled into the zoo
+    student's LoRA adapters) or "tiny-kd" (a small MLP pair, for tests without a zoo)."""
     trainer_options: dict[str, Any] = {}
     codec: str = "dwc"
     """Registry key in shared.codec.CODECS."""

@@ -31,11 +31,12 @@ def write_config(path: Path, values: dict[str, Any]) -> Path:
 
 
 def start_cloud(workdir: Path, **overrides: Any) -> CloudProcess:
-    """A daemon on 127.0.0.1:0 with its data under workdir/cloud (reused across restarts)."""
+    """A daemon on 127.0.0.1:0 with its data under workdir/cloud (reused across restarts); the
+    fast "tiny-kd" trainer unless `worker` names another (it replaces `trainer_options` too)."""
     values: dict[str, Any] = {
         "data_dir": str(workdir / "cloud"), "enrollment_secret": SECRET,
         "listen_address": "127.0.0.1:0", "insecure": True, "grace_s": 10.0,
-        "worker": {"threshold_samples": 4, "schedule_s": 3600.0,
+        "worker": {"trainer": "tiny-kd", "threshold_samples": 4, "schedule_s": 3600.0,
                    "trainer_options": {"steps": 6, "checkpoint_every": 2}},
     }
     for key, value in overrides.items():

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def app(tmp_path: Path) -> Iterator[CloudApp]:
     settings = CloudSettings(
         data_dir=tmp_path, enrollment_secret="fleet-secret", listen_address="127.0.0.1:0",
-        insecure=True, limits={"upload_timeout_s": 0.5}, worker={"enabled": False})
+        insecure=True, limits={"upload_timeout_s": 0.5}, worker={"enabled": False, "trainer": "tiny-kd"})
     running = CloudApp(settings)
     yield running
     running.stop(0)

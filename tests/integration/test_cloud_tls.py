@@ -29,7 +29,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, TlsFiles]:
 def _serve(workdir: Path, tls: dict[str, str]) -> CloudProcess:
     cfg = write_config(workdir / "cloud.toml", {
         "data_dir": str(workdir / "cloud"), "enrollment_secret": SECRET,
-        "listen_address": "127.0.0.1:0", "tls": tls})
+        "listen_address": "127.0.0.1:0", "tls": tls, "worker": {"trainer": "tiny-kd"}})
     return CloudProcess(cfg, workdir)
 
 

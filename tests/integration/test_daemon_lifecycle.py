@@ -21,6 +21,7 @@ def cloud(tmp_path: Path):
     cfg = write_toml(tmp_path / "cloud.toml", {
         "data_dir": str(tmp_path / "cloud"), "enrollment_secret": "fleet-secret",
         "listen_address": "127.0.0.1:0", "insecure": True, "grace_s": 5.0,
+        "worker": {"trainer": "tiny-kd"},
     })
     server = CloudProcess(cfg, tmp_path)
     yield server

@@ -153,7 +153,7 @@ def real_cloud(tmp_path: Path):
     cfg = _toml(tmp_path / "cloud.toml", {
         "data_dir": str(tmp_path / "cloud"), "enrollment_secret": "fleet-secret",
         "listen_address": "127.0.0.1:0", "insecure": True, "grace_s": 2.0,
-        "worker": {"enabled": False, "trainer_options": {"dim": 128}},
+        "worker": {"enabled": False, "trainer": "tiny-kd", "trainer_options": {"dim": 128}},
     })
     server = CloudProcess(cfg, tmp_path)
     yield server
