@@ -263,7 +263,7 @@ class AdapterDistiller:
         adapter = {k: v.detach().cpu().clone() for k, v in state.items()}
         if not history:
             raise ConfigError(f"`start_step` {start_step} leaves no steps of {cfg.steps}")
-        metrics = _summary(history, wall_s, len(samples), len(replay))
+        metrics = _summary(history, wall_s, len(samples), len(replay), n_replay)
         log.info("akd round done: %d steps in %.1f s, loss %.4f -> %.4f", cfg.steps, wall_s,
                  metrics["loss_first"], metrics["loss_last"])
         return DistillResult(adapter=adapter, metrics=metrics, history=tuple(history))
@@ -377,11 +377,11 @@ class _Objective(nn.Module):
 
 
 def _summary(
-    history: Sequence[dict[str, float]], wall_s: float, n: int, n_replay: int,
+    history: Sequence[dict[str, float]], wall_s: float, n: int, pool: int, per_batch: int,
 ) -> dict[str, float]:
     window = max(1, min(5, len(history) // 4))
     out = {"steps": float(len(history)), "wall_s": wall_s, "samples": float(n),
-           "replay_samples": float(n_replay)}
+           "replay_samples": float(pool), "replay_per_batch": float(per_batch)}
     for key in history[0]:
         out[f"{key}_first"] = sum(h[key] for h in history[:window]) / window
         out[f"{key}_last"] = sum(h[key] for h in history[-window:]) / window

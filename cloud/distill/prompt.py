@@ -1,6 +1,8 @@
 """Token sequences for distillation: prompt ids around K visual placeholders, answer ids.
 
-Layout (the zoo processor's): <bos> [prefix] K x <visual> [suffix] question <ans> | answer <eos>.
+Layout (the zoo processor's `prompt_layout`): `visual_first` is
+<bos> [prefix] K x <visual> [suffix] question <ans> | answer <eos>; `question_first` puts the
+question right after <bos>; `question_both` puts it on both sides of the visual block.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ from typing import Any
 import torch
 
 from shared.errors import ConfigError
+
+LAYOUTS = ("visual_first", "question_first", "question_both")
+
+
+def _layout_of(processor: Any) -> str:
+    """The processor config's prompt layout (older configs: a `question_first` flag)."""
+    config = getattr(processor, "config", None)
+    layout = getattr(config, "prompt_layout", None)
+    if layout is not None:
+        return str(layout)
+    return "question_first" if getattr(config, "question_first", False) else "visual_first"
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,12 @@ class PromptFormatter:
     """Separator after the question; generation starts after it."""
     visual_prefix: tuple[int, ...] = ()
     visual_suffix: tuple[int, ...] = ()
+    layout: str = "visual_first"
+    """Where the question sits relative to the visual block (one of LAYOUTS)."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
 
     @classmethod
     def from_processor(cls, processor: Any, media_kind: str = "video") -> PromptFormatter:
@@ -39,7 +58,7 @@ class PromptFormatter:
             tokenizer=processor.tokenizer,
             visual_id=processor.video_id if media_kind == "video" else processor.image_id,
             eos_id=processor.eos_id, pad_id=processor.pad_id, bos_id=processor.bos_id,
-            answer_id=processor.answer_id,
+            answer_id=processor.answer_id, layout=_layout_of(processor),
         )
 
     def prompt_ids(self, question: str, num_visual: int) -> list[int]:
@@ -48,6 +67,10 @@ class PromptFormatter:
         head = [] if self.bos_id is None else [self.bos_id]
         tail = [] if self.answer_id is None else [self.answer_id]
         visual = [*self.visual_prefix, *([self.visual_id] * num_visual), *self.visual_suffix]
+        if self.layout == "question_first":
+            return [*head, *q, *visual, *tail]
+        if self.layout == "question_both":
+            return [*head, *q, *visual, *q, *tail]
         return [*head, *visual, *q, *tail]
 
     def answer_ids(self, text: str) -> list[int]:

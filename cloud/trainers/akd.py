@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cloud.distill.replay import ReplayConfig
 from cloud.trainers.base import JobContext, StateDict, TrainResult
 from shared.errors import ConfigError, WireFormatError
 from shared.types import UploadSample
@@ -53,7 +54,12 @@ class AkdTrainerConfig:
     lr: float = 1e-3
     batch_size: int = 4
     replay_ratio: float = 0.25
-    """Share of each batch from a replay pool (AKDConfig); no pool is wired in yet."""
+    """Share of each batch drawn from the source-domain replay pool (0: no replay)."""
+    replay_samples: int = 64
+    """Size of the replay pool (procedural samples encoded by the student's vision tower)."""
+    replay_domain: str = "source"
+    replay_seed: int = 1
+    """Procedural stream of the pool (1: the zoo's source training stream)."""
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: str = DEVICE_LORA_TARGETS
@@ -71,17 +77,27 @@ class AkdTrainerConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lora_r", "lora_alpha", "nproc_per_node",
-                     "threads_per_rank", "checkpoint_every"):
+                     "threads_per_rank", "checkpoint_every", "replay_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"`lr` must be > 0, got {self.lr}")
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ConfigError(f"`replay_ratio` must be in [0, 1), got {self.replay_ratio}")
+        if self.replay_ratio > 0 and self.nproc_per_node > 1:
+            raise ConfigError(f"`replay_ratio` {self.replay_ratio} needs `nproc_per_node` 1: "
+                              "torchrun rounds do not carry the replay pool; set "
+                              "replay_ratio = 0 there")
+        self.replay_config()
         for name in ("akd", "labelling"):
             clash = {"steps", "lr", "batch_size", "replay_ratio", "seed"} & set(getattr(self, name))
             if clash:
                 raise ConfigError(f"`{name}`: set {sorted(clash)} as top-level options")
+
+    def replay_config(self) -> ReplayConfig:
+        """What the replay pool holds."""
+        return ReplayConfig(samples=self.replay_samples, domain=self.replay_domain,
+                            seed=self.replay_seed)
 
 
 class AkdTrainer:
@@ -122,6 +138,7 @@ class AkdTrainer:
             from cloud.labels import checkpoint_hash, prompt_digest
 
             base, self._formatter = load_checkpoint(student)
+            self._replay = self._replay_pool(base, student)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.lora_seed)  # as the job trainer and the devices do
                 self._student = attach_lora(base, self._spec.lora_spec())
@@ -155,7 +172,8 @@ class AkdTrainer:
         if start >= steps:
             return TrainResult(adapter=weights, metrics={"restored": 1.0})
         distill = [DistillSample.from_upload(s) for s in samples]
-        labels, hits = self._labels(distill)
+        labels, hits = self._labels([*distill, *self._replay])
+        labels, replay_labels = labels[:len(distill)], labels[len(distill):]
         set_peft_model_state_dict(self._student, weights)
 
         def on_step(step: int, losses: Any) -> None:
@@ -165,11 +183,26 @@ class AkdTrainer:
 
         result = AdapterDistiller(self._spec.akd_config()).fit(
             self._student, None, distill, formatter=self._formatter, labels=labels,
-            start_step=start, on_step=on_step)
+            replay=self._replay, replay_labels=replay_labels, start_step=start,
+            on_step=on_step)
         ctx.checkpoint(steps, result.adapter)
         metrics = {**result.metrics, "start_step": float(start),
-                   "label_hit_rate": hits / len(distill)}
+                   "label_hit_rate": hits / (len(distill) + len(self._replay))}
         return TrainResult(adapter=dict(result.adapter), metrics=metrics)
+
+    def _replay_pool(self, base: Any, student_dir: str) -> list[Any]:
+        """Source samples encoded by the student's (shared) vision tower; [] without replay."""
+        if self.cfg.replay_ratio == 0:
+            return []
+        from cloud.distill.replay import source_replay
+        from shared.models.processor import PROCESSOR_FILE, VLMProcessor
+
+        if not (Path(student_dir) / PROCESSOR_FILE).is_file():
+            raise ConfigError(f"`replay_ratio` {self.cfg.replay_ratio} needs a zoo student "
+                              f"checkpoint ({PROCESSOR_FILE} in {student_dir!r}) to encode "
+                              "source samples; set replay_ratio = 0 for other checkpoints")
+        return source_replay(base, VLMProcessor.from_pretrained(student_dir),
+                             self.cfg.replay_config())
 
     def _adapter_now(self) -> StateDict:
         from peft import get_peft_model_state_dict
