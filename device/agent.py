@@ -100,7 +100,8 @@ class Agent:
         """Called with every status snapshot (Prometheus gauges)."""
         self.model_lock = threading.Lock()
         self.counters = Counters(samples_seen=outbox.cursor(source.name))
-        self._pending_acks: list[UpdateAck] = []
+        # acks a crash may have lost are owed first (the cloud's record must converge)
+        self._pending_acks: list[UpdateAck] = updater.owed_acks() if updater is not None else []
 
     # ------------------------------------------------------------------ main loop
 
@@ -232,7 +233,7 @@ class Agent:
         if updater is None or transport is None:
             return None
         while self._pending_acks:
-            transport.ack(self._pending_acks[0])
+            updater.delivered(self._pending_acks[0], transport.ack(self._pending_acks[0]))
             self._pending_acks.pop(0)
         try:
             got = transport.fetch_update(updater.version, updater.config.max_update_bytes)
@@ -251,7 +252,7 @@ class Agent:
         self.counters.adapter_version = updater.version
         self.counters.updates[ack.outcome] = self.counters.updates.get(ack.outcome, 0) + 1
         self._pending_acks.append(ack)
-        transport.ack(ack)
+        updater.delivered(ack, transport.ack(ack))
         self._pending_acks.pop(0)
         return ack
 

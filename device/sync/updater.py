@@ -6,11 +6,20 @@ device, the base model hash, and that the base version equals the adapter versio
 Only then is the delta decoded with the shared codec onto the current weights. The new version is
 written and fsynced, the pointer swapped (on probation), the weights replaced in place, and a local
 probe set scored; a drop of more than `rollback_margin` restores the previous weights and pointer.
+
+The last version the cloud confirmed as applied is kept in `<adapters>/ACKED`: a crash between the
+final swap and the acknowledgement would otherwise leave the cloud recording the old version
+forever (the device never fetches that update again), so a restarted device re-sends it.
+`CDCA_FAULT_POINT` (tests only, see docs/reliability.md) kills the process at a named instant of
+`apply` that no outside observer can catch.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +33,20 @@ from shared.errors import CdcaError, ConfigError, IncompatibleUpdateError
 from shared.types import UpdateAck, UpdateHeader
 
 log = logging.getLogger(__name__)
+
+ACKED = "ACKED"
+"""File in the adapter store's directory: {"version": the last version the cloud confirmed}."""
+
+FAULT_POINT_ENV = "CDCA_FAULT_POINT"
+"""Names an instant of `apply` ("adapter-written", "adapter-swapped") at which the process
+SIGKILLs itself; unset in production. Read here only: the instants last microseconds, so a test
+cannot kill from outside at them, and a settings field would ship a kill switch."""
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(FAULT_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 Probe = Callable[[], float]
 """Accuracy in [0, 1] of the model as it now serves, on the device's local probe set."""
@@ -112,6 +135,7 @@ class AdapterUpdater:
         previous = self.version
         before = self._accuracy(previous)
         self.store.write(header.version, new_state)
+        _fault_point("adapter-written")
         self.store.swap(Pointer(header.version, previous, probation=True))
         load_adapter_state(self.model, new_state)
         self.version = header.version
@@ -127,9 +151,32 @@ class AdapterUpdater:
                              f"probe accuracy {after:.3f} < {before:.3f} - margin "
                              f"{self.config.rollback_margin}")
         self.store.swap(Pointer(header.version, previous))
+        _fault_point("adapter-swapped")
         self._probe_cache[header.version] = after
         log.info("update applied", extra={"version": header.version, "probe": after,
                                           "previous_probe": before,
                                           "payload_bytes": len(payload)})
         return UpdateAck(header.version, "applied", after, before)
 
+
+    def owed_acks(self) -> list[UpdateAck]:
+        """The serving version's "applied" ack when the cloud never confirmed it (a crash took
+        it); re-sending is harmless, the cloud records an ack idempotently."""
+        path = self.store.dir / ACKED
+        confirmed = json.loads(path.read_text())["version"] if path.exists() else 0
+        if self.version == confirmed:
+            return []
+        return [UpdateAck(self.version, "applied",
+                          detail="serving since before a restart; acknowledgement re-sent")]
+
+    def delivered(self, ack: UpdateAck, recorded_version: int) -> None:
+        """The cloud answered `ack` and now records `recorded_version` for this device."""
+        if ack.outcome != "applied" or recorded_version != ack.version:
+            return
+        path = self.store.dir / ACKED
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"version": ack.version}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
