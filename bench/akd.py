@@ -263,24 +263,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dense = CODECS.build("dense-fp16", {}).encode(new, v0)
     default_codec = daemon_codec()
     curve = []
-    for bits in args.bits:
-        for share in args.shares:
-            codec = CODECS.build("dwc", {"energy_share": share, "bits": bits})
-            enc = codec.encode(new, v0)
-            scored = ev.run(codec.decode(enc.payload, v0), {args.domain: sets[args.domain]})
-            point = scored[args.domain]
-            curve.append({
-                "bits": bits, "energy_share": share, "payload_bytes": enc.stats.payload_bytes,
-                "over_dense_fp16": enc.stats.payload_bytes / dense.stats.payload_bytes,
-                "kept": enc.stats.kept, "relative_error": enc.stats.relative_error,
-                "acc": point["acc"], "ci95": point["ci95"],
-                "loss_vs_exact": acc["akd"][args.domain]["acc"] - point["acc"],
-                "answers_agree_with_exact": _agree(point["answers"],
-                                                   acc["akd"][args.domain]["answers"]),
-                "is_daemon_default": {"energy_share": share, "bits": bits} == default_codec,
-            })
-            log.info("dwc int%d share %.3f: %d bytes, acc %.3f", bits, share,
-                     enc.stats.payload_bytes, point["acc"])
+    settings = [{"energy_share": share, "bits": bits} for bits in args.bits
+                for share in args.shares]
+    # byte budgets as shares of the dense fp16 payload: the goal's 2% point, whatever it costs
+    settings += [{"energy_share": 1.0, "bits": bits,
+                  "budget_bytes": max(1, int(b * dense.stats.payload_bytes))}
+                 for bits in args.bits for b in args.budgets]
+    for opts_c in settings:
+        codec = CODECS.build("dwc", opts_c)
+        enc = codec.encode(new, v0)
+        scored = ev.run(codec.decode(enc.payload, v0), {args.domain: sets[args.domain]})
+        point = scored[args.domain]
+        curve.append({
+            **opts_c, "payload_bytes": enc.stats.payload_bytes,
+            "budget_limited": enc.stats.budget_limited,
+            "over_dense_fp16": enc.stats.payload_bytes / dense.stats.payload_bytes,
+            "kept": enc.stats.kept, "relative_error": enc.stats.relative_error,
+            "acc": point["acc"], "ci95": point["ci95"],
+            "loss_vs_exact": acc["akd"][args.domain]["acc"] - point["acc"],
+            "answers_agree_with_exact": _agree(point["answers"],
+                                               acc["akd"][args.domain]["answers"]),
+            "is_daemon_default": opts_c == default_codec,
+        })
+        log.info("dwc %s: %d bytes, acc %.3f", opts_c, enc.stats.payload_bytes, point["acc"])
     default = CODECS.build("dwc", default_codec)
     enc = default.encode(new, v0)
     acc["akd_dwc"] = ev.run(default.decode(enc.payload, v0), sets)
@@ -288,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timing = step_timing(student_dir, teacher_dir,
                          [DistillSample.from_upload(u) for u in uploads], spec,
                          opts["batch_size"], args.timing_repeats)
-    moved = {d: _agree(acc["before"][d]["answers"], acc["akd"][d]["answers"]) for d in sets}
+    same = {d: _agree(acc["before"][d]["answers"], acc["akd"][d]["answers"]) for d in sets}
     return {
         "zoo_dir": str(zoo_dir), "domain": args.domain, "uploads": len(uploads),
         "upload_s": upload_s, "eval_n": args.eval_n, "trainer_options": {
@@ -296,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": {name: {"wall_s": s, **{k: round(v, 4) for k, v in r.metrics.items()}}
                    for name, (r, s) in rounds.items()},
         "accuracy": {name: _public(v) for name, v in acc.items()},
-        "answers_unchanged_by_akd": moved,
+        "answers_same_as_before_after_akd": same,
         "agreement_dwc_default_vs_exact": {
             d: _agree(acc["akd_dwc"][d]["answers"], acc["akd"][d]["answers"]) for d in sets},
         "downlink": {
@@ -383,9 +388,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     for bits, marker in ((8, "o"), (4, "s")):
-        pts = sorted((p["payload_bytes"], p["acc"]) for p in dl["curve"] if p["bits"] == bits)
+        pts = sorted((p["payload_bytes"], p["acc"]) for p in dl["curve"]
+                     if p["bits"] == bits and "budget_bytes" not in p)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"DWC int{bits}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
+                    label=f"DWC int{bits}, energy shares")
+        budget = [(p["payload_bytes"], p["acc"]) for p in dl["curve"]
+                  if p["bits"] == bits and "budget_bytes" in p]
+        if budget:
+            ax.scatter([b[0] for b in budget], [b[1] for b in budget], marker="x",
+                       label=f"DWC int{bits}, byte budget")
     ax.axhline(acc["akd"][dom]["acc"], color="k", ls="--", lw=1, label="exact delta")
     ax.axhline(acc["before"][dom]["acc"], color="grey", ls=":", lw=1, label="before")
     for x, name in ((dl["dense_fp16_adapter_bytes"], "dense fp16 adapter"),
@@ -447,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay-ratio", type=float, default=None)
     p.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05],
+                   help="DWC byte budgets as shares of the dense fp16 adapter payload")
     p.add_argument("--timing-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="reports/akd")

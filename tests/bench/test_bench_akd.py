@@ -12,12 +12,13 @@ from bench import akd
 from shared.models.zoo import ensure_zoo
 
 
+@pytest.mark.slow  # ~11 s: builds the test zoo, three rounds, a dozen evaluations
 def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     torch.set_num_threads(1)
     zoo = ensure_zoo("test", cache_dir=tmp_path / "zoo", evaluate_after=False)
     rc = akd.main(["--zoo-dir", str(zoo.root), "--uploads", "6", "--eval-n", "6",
                    "--steps", "2", "--batch-size", "4", "--shares", "0.5", "0.99",
-                   "--bits", "8", "4", "--timing-repeats", "2", "--out", str(tmp_path / "out")])
+                   "--bits", "8", "4", "--budgets", "0.05", "--timing-repeats", "2", "--out", str(tmp_path / "out")])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "akd.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
@@ -28,8 +29,11 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report["rounds"]["akd"]["replay_per_batch"] == 1.0  # round(4 * 0.25)
     assert report["rounds"]["akd_no_replay"]["replay_per_batch"] == 0.0
     dl = report["downlink"]
-    assert len(dl["curve"]) == 4
+    assert len(dl["curve"]) == 6  # 2 shares x 2 widths + 1 budget x 2 widths
     assert all(p["payload_bytes"] < dl["dense_fp16_adapter_bytes"] for p in dl["curve"])
+    budgeted = [p for p in dl["curve"] if "budget_bytes" in p]
+    assert len(budgeted) == 2
+    assert all(p["payload_bytes"] <= p["budget_bytes"] for p in budgeted)
     assert dl["dense_fp16_adapter_raw_bytes"] == 2 * dl["adapter_params"]
     assert dl["student_fp16_bytes"] > dl["dense_fp16_adapter_bytes"]
     t = report["timing"]
