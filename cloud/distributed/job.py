@@ -189,9 +189,14 @@ def run_job(spec: DistillJobSpec, runtime: Runtime, stage: str = "all") -> JobOu
     """Run the job's stages ("all", "label" only, or "distill" only) on this rank."""
     if stage not in ("all", "label", "distill"):
         raise ConfigError(f"`stage` must be 'all', 'label' or 'distill', got {stage!r}")
-    samples = _select(load_samples(spec.samples_file), spec.sample_ids)
+    stored = load_samples(spec.samples_file)
+    replay = _select(stored, spec.replay_ids) if spec.replay_ids else []
+    pool = set(spec.replay_ids)
+    samples = _select([s for s in stored if s.sample_id not in pool], spec.sample_ids)
     if not samples:
         raise ConfigError(f"`samples_file` {spec.samples_file!r} holds no samples")
+    n = len(samples)
+    samples = [*samples, *replay]  # labelled together; split again for the fit
     student, formatter = load_checkpoint(spec.student_dir, spec.media_kind)
     cache = SqliteLabelCache(spec.label_cache_dir)
     try:
@@ -225,8 +230,10 @@ def run_job(spec: DistillJobSpec, runtime: Runtime, stage: str = "all") -> JobOu
         set_peft_model_state_dict(student, safetensors.torch.load_file(spec.adapter_in))
     student.to(runtime.device)
     cfg = spec.akd_config()
-    result = AdapterDistiller(cfg).fit(student, None, samples, formatter=formatter,
-                                       labels=labels, parallel=runtime.data_parallel())
+    result = AdapterDistiller(cfg).fit(student, None, samples[:n], formatter=formatter,
+                                       labels=labels[:n], replay=samples[n:],
+                                       replay_labels=labels[n:],
+                                       parallel=runtime.data_parallel())
     metrics = dict(result.metrics)
     metrics["samples_per_s"] = cfg.steps * cfg.batch_size / max(metrics["wall_s"], 1e-9)
     outcome = JobOutcome(world_size=runtime.world_size, labels=stats, metrics=metrics,

@@ -109,21 +109,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+REPLAY_PREFIX = "replay/"
+"""Prefix of replay sample ids in a samples file, so they never clash with upload ids."""
+
+
 def export_job(
     template: DistillJobSpec, samples: Sequence[DistillSample], workdir: str | Path,
-    adapter: dict[str, torch.Tensor] | None = None,
+    adapter: dict[str, torch.Tensor] | None = None, replay: Sequence[DistillSample] = (),
 ) -> DistillJobSpec:
-    """Write a job's inputs under `workdir` (samples file, start adapter) and return the spec
-    pointing at them; `template` supplies checkpoints, cache and hyper-parameters."""
+    """Write a job's inputs under `workdir` (samples file with the uploads and the replay pool,
+    start adapter) and return the spec pointing at them; `template` supplies checkpoints,
+    cache and hyper-parameters."""
     if not samples:
         raise ConfigError("`samples` is empty; nothing to export")
     d = Path(workdir)
     d.mkdir(parents=True, exist_ok=True)
-    save_samples(samples, d / "samples.safetensors")
+    pool = [replace(s, sample_id=f"{REPLAY_PREFIX}{i}/{s.sample_id}")
+            for i, s in enumerate(replay)]
+    save_samples([*samples, *pool], d / "samples.safetensors")
     adapter_in = None
     if adapter is not None:
         adapter_in = str(d / "adapter_in.safetensors")
         safetensors.torch.save_file(
             {k: v.detach().cpu().contiguous() for k, v in adapter.items()}, adapter_in)
     return replace(template, samples_file=str(d / "samples.safetensors"), sample_ids=(),
-                   adapter_in=adapter_in, output_dir=str(d / "out"))
+                   replay_ids=tuple(s.sample_id for s in pool), adapter_in=adapter_in,
+                   output_dir=str(d / "out"))

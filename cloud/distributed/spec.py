@@ -39,7 +39,10 @@ class DistillJobSpec:
     teacher_hash: str = ""
     """Cache identity of the teacher; empty: the sha256 of `teacher_dir`'s files."""
     sample_ids: tuple[str, ...] = ()
-    """Train on these samples of the file only (empty: all of them)."""
+    """Train on these samples of the file only (empty: all of them but the replay ones)."""
+    replay_ids: tuple[str, ...] = ()
+    """Samples of the file that form the replay pool, mixed into each batch at
+    `akd.replay_ratio` (empty: no replay)."""
     adapter_in: str | None = None
     """Adapter (safetensors) to start from, e.g. the device's head; None: fresh LoRA."""
     seed: int = 0
@@ -110,8 +113,9 @@ class DistillJobSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"job spec has unknown fields {unknown}; known: {sorted(known)}")
-        if "sample_ids" in raw:
-            raw["sample_ids"] = tuple(raw["sample_ids"])
+        for name in ("sample_ids", "replay_ids"):
+            if name in raw:
+                raw[name] = tuple(raw[name])
         try:
             return cls(**raw)
         except TypeError as e:

@@ -108,14 +108,15 @@ class AkdJobTrainer:
                                   f"tokens, got shape {tuple(tokens.values.shape)}")
 
     def train(self, adapter: StateDict, samples: Sequence[UploadSample],
-              ctx: JobContext) -> TrainResult:
-        """Export the round, run it, return the new adapter (checkpointed once, at the end)."""
+              ctx: JobContext, replay: Sequence[DistillSample] = ()) -> TrainResult:
+        """Export the round (with the `replay` pool, mixed in at `akd.replay_ratio`), run it,
+        return the new adapter (checkpointed once, at the end)."""
         restored = ctx.restore()
         if restored is not None and restored[0] >= self.config.steps:
             return TrainResult(adapter=restored[1], metrics={"restored": 1.0})
         job_dir = Path(self.config.work_dir) / ctx.job_id
         distill = [DistillSample.from_upload(s) for s in samples]
-        spec = export_job(self._template, distill, job_dir, adapter)
+        spec = export_job(self._template, distill, job_dir, adapter, replay)
         result = self._launcher.run(spec)
         new = dict(safetensors.torch.load_file(result["adapter_path"]))
         metrics = {**result["metrics"], "label_hit_rate": float(result["labels"]["hit_rate"]),

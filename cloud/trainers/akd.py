@@ -84,10 +84,6 @@ class AkdTrainerConfig:
             raise ConfigError(f"`lr` must be > 0, got {self.lr}")
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ConfigError(f"`replay_ratio` must be in [0, 1), got {self.replay_ratio}")
-        if self.replay_ratio > 0 and self.nproc_per_node > 1:
-            raise ConfigError(f"`replay_ratio` {self.replay_ratio} needs `nproc_per_node` 1: "
-                              "torchrun rounds do not carry the replay pool; set "
-                              "replay_ratio = 0 there")
         self.replay_config()
         for name in ("akd", "labelling"):
             clash = {"steps", "lr", "batch_size", "replay_ratio", "seed"} & set(getattr(self, name))
@@ -132,13 +128,16 @@ class AkdTrainer:
         self._teacher: Any = None
         self._student: Any = None
         self._formatter: Any = None
-        if cfg.nproc_per_node == 1:
-            from cloud.distill import attach_lora
+        self._replay: list[Any] = []
+        if cfg.nproc_per_node == 1 or cfg.replay_ratio > 0:
             from cloud.distributed.job import load_checkpoint
-            from cloud.labels import checkpoint_hash, prompt_digest
 
             base, self._formatter = load_checkpoint(student)
-            self._replay = self._replay_pool(base, student)
+            self._replay = self._replay_pool(base, student)  # torchrun rounds get it exported
+        if cfg.nproc_per_node == 1:
+            from cloud.distill import attach_lora
+            from cloud.labels import checkpoint_hash, prompt_digest
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.lora_seed)  # as the job trainer and the devices do
                 self._student = attach_lora(base, self._spec.lora_spec())
@@ -161,7 +160,7 @@ class AkdTrainer:
               ctx: JobContext) -> TrainResult:
         """One AKD round from `adapter`, resumed from the job's last checkpoint if it has one."""
         if self._student is None:
-            return self._jobs.train(adapter, samples, ctx)
+            return self._jobs.train(adapter, samples, ctx, self._replay)
         from peft import set_peft_model_state_dict
 
         from cloud.distill import AdapterDistiller, DistillSample

@@ -14,7 +14,9 @@ from cloud.distill.akd import _forward
 from cloud.distill.prompt import pack
 from cloud.distill.replay import ReplayConfig, encode_samples, source_replay
 from cloud.distributed.job import load_checkpoint
+from cloud.distributed.trainer import AkdJobConfig, AkdJobTrainer
 from cloud.trainers import TRAINERS
+from cloud.trainers.akd import DEVICE_LORA_TARGETS
 from shared.errors import ConfigError
 from shared.media import procedural as P
 from shared.models.processor import VLMProcessor
@@ -97,8 +99,25 @@ def test_replay_ratio_sets_the_replay_share_of_every_batch(zoo: ZooPaths,
     assert runs[0.5].metrics["label_hit_rate"] == 4 / 10  # uploads cached by the first run
     a, b = runs[0.0].adapter, runs[0.5].adapter
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="replay_ratio"):
-        _akd(zoo, tmp_path, replay_ratio=0.25, nproc_per_node=2)
+
+
+def test_job_rounds_carry_the_pool_and_train_as_in_process(zoo: ZooPaths,
+                                                           tmp_path: Path) -> None:
+    """The job path (what torchrun ranks run) gets the pool through the samples file and
+    trains the same adapter as the in-process round."""
+    uploads = _uploads(zoo, "low_light", 4)
+    inproc = _akd(zoo, tmp_path, steps=3, replay_ratio=0.5, replay_samples=6)
+    want = inproc.train(inproc.initial_adapter(), uploads, _Ctx())
+    jobs = AkdJobTrainer(AkdJobConfig(
+        student_dir=str(zoo.student), teacher_dir=str(zoo.teacher),
+        label_cache_dir=str(tmp_path / "labels"), work_dir=str(tmp_path / "jobs"), steps=3,
+        batch_size=4, akd={"replay_ratio": 0.5}, labelling={"max_new_tokens": 3},
+        lora={"rank": 8, "alpha": 16, "dropout": 0.0, "targets": DEVICE_LORA_TARGETS}))
+    got = jobs.train(jobs.initial_adapter(), uploads, _Ctx(), inproc._replay)
+    assert got.metrics["replay_per_batch"] == 2.0 and got.metrics["replay_samples"] == 6.0
+    assert got.metrics["label_hit_rate"] == 1.0  # uploads and pool labelled by the first round
+    for k in want.adapter:
+        torch.testing.assert_close(got.adapter[k], want.adapter[k], rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
