@@ -11,8 +11,12 @@ teacher labels come from the label cache (the teacher is loaded on the first mis
 `AdapterDistiller.fit` trains the LoRA weights, checkpointing through the JobContext every
 `checkpoint_every` steps so that a stopped or crashed round resumes at its last checkpoint with
 the same batches. With more ranks a round is a torchrun job (cloud/distributed/trainer.py),
-checkpointed once at its end. peft and transformers are imported only when the trainer is built,
-so a daemon with another trainer starts without them.
+checkpointed once at its end. Either way `replay_ratio` of every batch comes from a pool of
+procedural source-domain samples encoded by the student's vision tower when the trainer is built
+(cloud/distill/replay.py), labelled (teacher-forced on their true answers) and cached like
+uploads, so a round on a shifted domain forgets less of the source domain. peft and
+transformers are imported only when the trainer is built, so a daemon with another trainer
+starts without them.
 """
 
 from __future__ import annotations
