@@ -9,16 +9,20 @@ upload, byte for byte with the same id, is sent again, so the cloud stores every
 The disk budget is explicit: when a new sample does not fit, `full_policy` decides
 ("drop_oldest" evicts the oldest pending samples, "reject_new" refuses the new one), and every
 sample lost that way is counted in the persistent `counters` table and logged, never silently.
+A full disk (SQLITE_FULL) is the same: the new samples are refused with StoreFullError and
+counted, nothing half-written stays, and every write path reports it as StoreFullError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +72,11 @@ class OutboxConfig:
     """What happens when a new sample does not fit: "drop_oldest" or "reject_new"."""
     batch_samples: int = 16
     """Most samples grouped into one upload."""
+    disk_reserve_bytes: int = 4 * 1024 * 1024
+    """Free space left on the outbox's filesystem: new samples that would eat into it are
+    refused and counted (rejected_new) like an exhausted budget. Grouping, acknowledging and the
+    WAL checkpoint all need a little space, so on a disk filled to the last byte the queue could
+    never drain again."""
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0:
@@ -77,6 +86,8 @@ class OutboxConfig:
                               f"got {self.full_policy!r}")
         if not 1 <= self.batch_samples <= 256:
             raise ConfigError(f"`batch_samples` must be in 1..256, got {self.batch_samples}")
+        if self.disk_reserve_bytes < 0:
+            raise ConfigError(f"`disk_reserve_bytes` must be >= 0, got {self.disk_reserve_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +106,18 @@ class Outbox:
     def __init__(self, path: Path, config: OutboxConfig,
                  clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._dir = path.parent
         self.config = config
         self._clock = clock
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # Keep the WAL within a quarter of the disk reserve (checkpoint early, truncate after),
+        # or the WAL alone (default: 4 MB before a checkpoint) can fill a small disk.
+        wal_cap = max(64 * 1024, config.disk_reserve_bytes // 4)
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        self._db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_cap // page)}")
+        self._db.execute(f"PRAGMA journal_size_limit={wal_cap}")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
@@ -107,6 +125,21 @@ class Outbox:
         """Close the database (all writes are already durable)."""
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction (the caller holds the lock); SQLITE_FULL -> StoreFullError."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException as e:
+            if self._db.in_transaction:  # SQLite has already rolled back after SQLITE_FULL
+                self._db.execute("ROLLBACK")
+            if (isinstance(e, sqlite3.OperationalError)
+                    and e.sqlite_errorcode == sqlite3.SQLITE_FULL):
+                raise StoreFullError(f"outbox disk full: {e}") from e
+            raise
 
     # ------------------------------------------------------------------ accounting
 
@@ -148,7 +181,7 @@ class Outbox:
 
     def advance(self, name: str, value: int) -> None:
         """Record progress of an input stream without enqueuing anything."""
-        with self._lock:
+        with self._lock, self._write():
             self._set_cursor(name, value)
 
     def _set_cursor(self, name: str, value: int) -> None:
@@ -169,32 +202,53 @@ class Outbox:
                 for s in batch.samples]
         need = sum(len(p) for _, p in rows)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                stored = self._make_room(need, len(rows))
-                if stored:
-                    for sample_id, payload in rows:
-                        cur = self._db.execute(
-                            "INSERT OR IGNORE INTO pending(sample_id, adapter_version, payload,"
-                            " created_at) VALUES (?,?,?,?)",
-                            (sample_id, batch.adapter_version, payload, self._clock()))
-                        self._bump("enqueued", cur.rowcount)
-                if cursor is not None:
-                    self._set_cursor(*cursor)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                with self._write():
+                    stored = self._make_room(need, len(rows))
+                    if stored:
+                        for sample_id, payload in rows:
+                            cur = self._db.execute(
+                                "INSERT OR IGNORE INTO pending(sample_id, adapter_version,"
+                                " payload, created_at) VALUES (?,?,?,?)",
+                                (sample_id, batch.adapter_version, payload, self._clock()))
+                            self._bump("enqueued", cur.rowcount)
+                    if cursor is not None:
+                        self._set_cursor(*cursor)
+            except StoreFullError as e:
+                self._count_disk_full(len(rows), e)
                 raise
         if not stored:
             raise StoreFullError(f"outbox full ({self.config.max_bytes} bytes): "
                                  f"rejected {len(rows)} new sample(s)")
         return len(rows)
 
+    def _count_disk_full(self, n_new: int, error: StoreFullError) -> None:
+        log.warning("outbox disk full: rejecting new samples",
+                    extra={"samples": n_new, "reason": str(error)})
+        try:
+            with self._write():  # an update in place usually still fits; if not, say so loudly
+                self._bump("rejected_new", n_new)
+        except StoreFullError:
+            log.error("outbox disk full: could not even count %d rejected sample(s)", n_new)
+
+    def _disk_has_room(self, need: int) -> bool:
+        # pages freed by acknowledged uploads are reused before the file grows
+        pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        room = shutil.disk_usage(self._dir).free + int(pages) * int(page_size)
+        return 2 * need + self.config.disk_reserve_bytes <= room  # 2x: WAL, then the database
+
     def _make_room(self, need: int, n_new: int) -> bool:
         if need > self.config.max_bytes:  # could never fit: evicting others would not help
             self._bump("rejected_new", n_new)
             log.warning("samples larger than the whole outbox budget: rejected",
                         extra={"samples": n_new, "bytes": need})
+            return False
+        if not self._disk_has_room(need):
+            self._bump("rejected_new", n_new)
+            log.warning("outbox filesystem nearly full: rejecting new samples",
+                        extra={"samples": n_new, "bytes": need,
+                               "reserve": self.config.disk_reserve_bytes})
             return False
         free = self.config.max_bytes - self._stored_bytes()
         if need <= free:
@@ -247,27 +301,21 @@ class Outbox:
         payload = convert.encode_sample_batch(SampleBatch(version, tuple(samples)))
         ids = "\n".join(s.sample_id for s in samples).encode()
         upload_id = "u-" + hashlib.sha256(ids).hexdigest()[:40]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():  # deletes first: their freed pages can hold the upload
+            self._db.executemany("DELETE FROM pending WHERE seq=?", [(r[0],) for r in rows])
             self._db.execute("INSERT INTO uploads(upload_id, payload, samples, created_at) "
                              "VALUES (?,?,?,?)", (upload_id, payload, len(samples), self._clock()))
-            self._db.executemany("DELETE FROM pending WHERE seq=?", [(r[0],) for r in rows])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         return Upload(upload_id, payload, len(samples), 0)
 
     def mark_attempt(self, upload_id: str) -> None:
         """Count one send attempt of `upload_id`."""
-        with self._lock:
+        with self._lock, self._write():
             self._db.execute("UPDATE uploads SET attempts = attempts + 1 WHERE upload_id=?",
                              (upload_id,))
 
     def acknowledge(self, upload_id: str, duplicate: bool) -> None:
         """The cloud's receipt arrived: forget the upload and count it."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._write():
             row = self._db.execute("SELECT samples, LENGTH(payload) FROM uploads "
                                    "WHERE upload_id=?", (upload_id,)).fetchone()
             if row is not None:
@@ -277,12 +325,10 @@ class Outbox:
                 self._bump("uploaded_bytes", int(row[1]))
                 if duplicate:
                     self._bump("duplicates")
-            self._db.execute("COMMIT")
 
     def dead_letter(self, upload_id: str, reason: str) -> None:
         """The cloud refused the upload for good: keep it aside, counted, out of the queue."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._write():
             row = self._db.execute("SELECT payload, samples FROM uploads WHERE upload_id=?",
                                    (upload_id,)).fetchone()
             if row is not None:
@@ -290,7 +336,6 @@ class Outbox:
                                  (upload_id, row[0], reason[:1024], self._clock()))
                 self._db.execute("DELETE FROM uploads WHERE upload_id=?", (upload_id,))
                 self._bump("dead_lettered", int(row[1]))
-            self._db.execute("COMMIT")
         log.error("upload refused by the cloud; moved to dead letter",
                   extra={"upload_id": upload_id, "reason": reason})
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -41,7 +43,9 @@ class CloudProcess:
     """`cloud-server serve` as a real child process; `port` is read from its port file."""
 
     def __init__(self, config: Path, workdir: Path, timeout_s: float = 60.0,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), max_file_bytes: int | None = None) -> None:
+        """`max_file_bytes` caps every file the daemon writes (RLIMIT_FSIZE: writes beyond it
+        fail with EFBIG, as on a full disk; Python ignores SIGXFSZ)."""
         self.port_file = workdir / "cloud.port"
         self.port_file.unlink(missing_ok=True)
         self.log = (workdir / "cloud.log").open("ab")
@@ -49,6 +53,8 @@ class CloudProcess:
             [str(BIN / "cloud-server"), "serve", "--config", str(config),
              "--port-file", str(self.port_file), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT,
+            preexec_fn=None if max_file_bytes is None else functools.partial(
+                resource.setrlimit, resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)),
         )
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists() or not self.port_file.read_text().strip():

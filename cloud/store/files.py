@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from shared.errors import StoreFullError
 from shared.types import UploadSample, VisualTokens
 
 TMP_SUFFIX = ".tmp"
@@ -23,13 +25,29 @@ def new_name(suffix: str) -> str:
     return f"{uuid.uuid4().hex}{suffix}"
 
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""No space, quota exhausted, or the file size limit (RLIMIT_FSIZE) reached."""
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory: a reader sees all of `data` or nothing."""
+    """Temp file, fsync, rename, fsync the directory: a reader sees all of `data` or nothing.
+
+    Raises:
+        StoreFullError: the disk (or quota, or file size limit) is full; nothing was left behind.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # a partial temp file would hold the space until restart
+        if e.errno in DISK_FULL:
+            raise StoreFullError(
+                f"store disk full writing {len(data)} bytes under {path.parent.name}/: "
+                f"{os.strerror(e.errno)}") from e
+        raise
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:

@@ -108,6 +108,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _LIVE = "('produced', 'applied')"
+_MAX_VERSION = 2**63 - 1
+"""SQLite INTEGER's range; versions are assigned from 1 upwards, so larger ones never exist."""
 _OPEN_JOB = "(SELECT job_id FROM jobs WHERE state IN ('pending', 'running'))"
 
 
@@ -139,10 +141,21 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    raise StoreFullError(f"store database full: {e}") from e
                 raise
-            self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        # SQLite has already rolled back after some errors (SQLITE_FULL, I/O errors); a second
+        # ROLLBACK would raise and hide the original error.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _one(self, sql: str, args: tuple[object, ...] = ()) -> tuple[object, ...] | None:
         with self._lock:
@@ -494,6 +507,8 @@ class SqliteStore:
         return headers
 
     def _owned(self, device_id: str, version: int) -> tuple[object, ...]:
+        if not 0 <= version <= _MAX_VERSION:  # the wire's uint64 exceeds SQLite's int64
+            raise NotFoundError(f"version: no update {version} exists")
         row = self._db.execute(
             "SELECT device_id, base_version, status FROM updates WHERE version=?",
             (version,)).fetchone()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from device.outbox import Outbox
 from device.sync.transport import RETRYABLE_CODES, Transport
-from shared.errors import ConfigError, TransportError
+from shared.errors import ConfigError, StoreFullError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ class Uploader:
 
     def drain_once(self) -> str:
         """Try the oldest upload once: "empty", "sent" (receipt or dead letter) or "failed"."""
+        try:
+            return self._attempt()
+        except StoreFullError as e:
+            # the outbox's disk is full: keep everything, back off, try again (uploads free it)
+            self.failures += 1
+            log.warning("outbox disk full, will retry", extra={"reason": str(e),
+                                                                "failures": self.failures})
+            return "failed"
+
+    def _attempt(self) -> str:
         upload = self._outbox.next_upload()
         if upload is None:
             return "empty"
