@@ -1,15 +1,16 @@
 """Disk full on either side.
 
-Cloud: the real `cloud-server` with every file it writes capped at 1 MiB (RLIMIT_FSIZE, so a
-write past it fails with EFBIG exactly where a full disk fails with ENOSPC; no root needed). An
-upload whose blob does not fit gets RESOURCE_EXHAUSTED naming the disk, nothing of it is stored
-or left behind, smaller uploads before and after are stored, the daemon stays healthy, and after
-a restart with space the same upload id is stored once.
+Cloud: the real `cloud-server` (1) with every file it writes capped at 1 MiB (RLIMIT_FSIZE: a
+write past it fails with EFBIG where a full disk fails with ENOSPC; runs anywhere) and (2) on a
+real 2 MiB tmpfs mounted in a user namespace (`unshare -rm`; skipped where the kernel forbids it),
+where both the blob files and SQLite meet ENOSPC. An upload that does not fit gets
+RESOURCE_EXHAUSTED naming the disk, nothing of it is stored or left behind, what was acknowledged
+is intact, the daemon stays healthy, and (1) after a restart with space the same upload id is
+stored once.
 
-Device: the durable outbox on a real 384 KiB tmpfs (mounted in a user namespace by `unshare`,
-skipped where the kernel forbids that) so SQLite meets a real ENOSPC: every sample offered is
-either stored and later acknowledged, or refused with StoreFullError and counted; the database
-stays intact and accepts samples again once acknowledged uploads free space.
+Device: the durable outbox on a real 1 MiB tmpfs: every sample offered is either stored and later
+acknowledged exactly once, or refused with StoreFullError and counted; the database stays intact,
+and a disk filled to the last byte by another writer only delays the drain.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import json
 import logging
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -28,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.cloud.client import Device, batch, tokens_sample
 from tests.cloud.daemon import SECRET, rows, write_config
-from tests.support import ROOT, CloudProcess, subprocess_env
+from tests.support import BIN, ROOT, CloudProcess, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +82,87 @@ def test_cloud_store_full_refuses_cleanly_and_keeps_serving(tmp_path: Path) -> N
             assert dev.status().stored_samples == 5
     finally:
         cloud.stop(signal.SIGKILL)
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="no unshare")
+def test_cloud_on_a_full_tmpfs_refuses_cleanly(tmp_path: Path) -> None:
+    """The same on a real 2 MiB tmpfs: SQLite and the blob files meet ENOSPC, not a cap."""
+    if not _userns_tmpfs():
+        pytest.skip("unprivileged user namespaces are disabled here")
+    data = tmp_path / "cloud"
+    data.mkdir()
+    cfg = write_config(tmp_path / "cloud.toml", {
+        "data_dir": str(data), "enrollment_secret": SECRET, "listen_address": "127.0.0.1:0",
+        "insecure": True, "grace_s": 5.0, "worker": {"enabled": False, "trainer": "tiny-kd"}})
+    port_file = tmp_path / "cloud.port"
+    log = (tmp_path / "cloud.log").open("wb")
+    proc = subprocess.Popen(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=2m tmpfs {data} && exec "
+         f"{BIN / 'cloud-server'} serve --config {cfg} --port-file {port_file}"],
+        stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists() or not port_file.read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "cloud.log").read_text()
+            time.sleep(0.05)
+        acked, refused = [], 0
+        with grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}") as ch:
+            dev = Device(ch, "cam-tmpfs").register()
+            for i in range(12):  # 256 KiB each: the disk is full before the end
+                try:
+                    dev.upload(f"u{i}", batch(tokens_sample(f"s{i}", k=4096, d=32, seed=i)))
+                    acked.append(f"u{i}")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                    assert "full" in (e.details() or "")
+                    refused += 1
+            small, reasons = 0, set()
+            for i in range(400):  # small uploads fill the rest until they are refused too
+                try:
+                    dev.upload(f"small{i}", batch(tokens_sample(f"t{i}", seed=i)))
+                    acked.append(f"small{i}")
+                    small += 1
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                    reasons.add(" ".join((e.details() or "").split()[:3]))
+                    if i - small > 20:
+                        break
+            for i in range(20):  # no new sample, so no blob: only SQLite rows, which fail now
+                try:
+                    dev.upload(f"again{i}", batch(tokens_sample("t0", seed=0)))
+                    acked.append(f"again{i}")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+                    reasons.add(" ".join((e.details() or "").split()[:3]))
+            assert reasons == {"store disk full", "store database full:"}  # blob, SQLite
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="cdca.v1.SyncService"), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert dev.status().stored_samples == len([a for a in acked if "again" not in a])
+        # the daemon's own tmpfs, seen through its mount namespace (/proc/<pid>/root); SQLite
+        # resolves that link to our namespace, so read a copy of the (idle) database
+        inside = Path(f"/proc/{proc.pid}/root{data}")
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        for name in ("cloud.sqlite3", "cloud.sqlite3-wal"):
+            shutil.copyfile(inside / name, copy / name)
+        db = sqlite3.connect(copy / "cloud.sqlite3")
+        stored = sorted(u for (u,) in db.execute("SELECT upload_id FROM uploads"))
+        referenced = {b for (b,) in db.execute("SELECT blob FROM uploads")}
+        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+        db.close()
+        blobs = {p.name for p in (inside / "blobs" / "uploads").iterdir()}
+        assert refused > 0 and stored == sorted(acked) and integrity == "ok"
+        assert blobs == referenced  # nothing half-written left behind
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        logging.getLogger(__name__).info(
+            "cloud on a 2 MiB tmpfs: %d uploads stored, %d refused RESOURCE_EXHAUSTED, %d small"
+            " stored after, then refused by %s", len(acked) - small, refused, small, reasons)
+    finally:
+        proc.kill()
+        log.close()
 
 
 def _userns_tmpfs() -> bool:
