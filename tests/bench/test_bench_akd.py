@@ -48,8 +48,9 @@ def _report(points: list[tuple[float, float]], ratio: float) -> dict:
         "domain": "low_light",
         "accuracy": {"before": {"low_light": {**acc, "acc": 0.4}},
                      "akd": {"low_light": acc}, "teacher": {"low_light": {**acc, "acc": 0.8}}},
-        "downlink": {"curve": [{"payload_bytes": 1000 * s, "over_dense_fp16": s,
-                                "loss_vs_exact": loss} for s, loss in points]},
+        "downlink": {"curve": [{"bits": 8, "energy_share": 0.9, "payload_bytes": 1000 * s,
+                                "over_dense_fp16": s, "loss_vs_exact": loss,
+                                "answers_agree_with_exact": 0.9} for s, loss in points]},
         "timing": {"ratio": ratio, "akd_step_s": ratio, "reference_s": 1.0},
     }
 
@@ -59,6 +60,7 @@ def test_goals_arithmetic() -> None:
     dwc = g["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]
     assert dwc["met"] is True and dwc["best_point"]["over_dense_fp16"] == 0.015
     assert dwc["smallest_point"]["over_dense_fp16"] == 0.01
+    assert [p["over_dense_fp16"] for p in dwc["points_within_2pct"]] == [0.015, 0.01]
     assert dwc["gain_resolvable"] is True and dwc["exact_delta_gain_pt"] == pytest.approx(20)
     assert g["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"]["met"] is False
     assert g["zoo_quality"]["teacher_beats_student"] is True
