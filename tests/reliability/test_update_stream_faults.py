@@ -75,11 +75,13 @@ class _Device:
                            None, self.updater)
 
     def connect(self, address: str) -> None:
-        # the agent polls every few seconds; this loop polls at once, so reconnect promptly
-        # after a reset instead of failing fast through gRPC's default 1-120 s backoff
+        # The agent polls every few seconds; these loops poll at once, so reconnect promptly
+        # after a reset instead of failing fast through gRPC's default 1-120 s backoff. Without
+        # BDP probing the HTTP/2 window stays small, so the cloud can be at most about one chunk
+        # ahead of what the device has received: a fault "a third into the stream" is one.
         channel = grpc.insecure_channel(address, options=[
             ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
-            ("grpc.max_reconnect_backoff_ms", 200)])
+            ("grpc.max_reconnect_backoff_ms", 200), ("grpc.http2.bdp_probe", 0)])
         self.transport = GrpcTransport(channel, self.timeout_s, getattr(self, "creds", None))
         if hasattr(self, "agent"):
             self.agent.transport = self.transport
@@ -138,6 +140,8 @@ def test_cloud_sigkill_mid_update_stream(tmp_path: Path) -> None:
         (err,) = outcome
         assert isinstance(err, TransportError) and err.code in RETRYABLE_CODES, err
         assert received < payload_bytes
+        log.info("cloud SIGKILLed after %d of %d update bytes reached the device: %s",
+                 received, payload_bytes, err.code)
         dev.check_consistent(expected)
         assert dev.serving()[0] == 0 and dev.store.versions() == [0]
         assert rows(tmp_path, "SELECT status FROM updates") == [("produced",)]
