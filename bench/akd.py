@@ -19,8 +19,10 @@ What it does, on the zoo's teacher and student checkpoints:
 
 `goals()` checks the issue's targets: DWC <= 2% of the dense fp16 adapter with <= 0.5 pt
 accuracy loss vs the exact delta, and AKD step <= 1.25x. With a zoo that answers near chance,
-accuracy differences are mostly noise: the report carries the 95% interval of each accuracy and
-says when a goal holds only because the round barely moved the student.
+accuracy differences are mostly noise: the report carries the 95% interval of each accuracy, the
+share of answers each payload has in common with the exact delta, and the DWC goal is "not
+shown" (met false, met_by_letter true) when it holds only because the exact delta's own effect
+is within noise.
 
 Usage:
     python -m bench.akd --out reports/akd                  # zoo/default; ~3-5 min, 1 thread
@@ -345,14 +347,19 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     within = [{k: p[k] for k in ("bits", "energy_share", "payload_bytes", "over_dense_fp16",
                                  "loss_vs_exact", "answers_agree_with_exact")}
               for p in dl["curve"] if p["over_dense_fp16"] <= DWC_GOAL_SHARE]
+    # "met" needs the bound to mean something: when the exact delta's own effect is within
+    # noise, a payload that keeps almost none of it passes the 0.5 pt bound by chance
+    letter = best is not None
     out["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"] = {
-        "met": best is not None,
+        "met": bool(letter and resolvable), "met_by_letter": letter,
+        "status": "fail" if not letter else ("pass" if resolvable else "not shown"),
         "best_point": best, "smallest_point": smallest, "points_within_2pct": within,
         "exact_delta_gain_pt": 100 * gain, "gain_resolvable": bool(resolvable),
         "one_sample_pt": 100 / exact["n"],
         "note": None if resolvable else (
             "the exact delta's own effect on accuracy is within noise here, so the 0.5 pt "
-            "loss bound is weak evidence; see answers_agree_with_exact per point"),
+            "bound cannot tell a faithful payload from one that drops the update; see "
+            "answers_agree_with_exact per point"),
     }
     t = report["timing"]
     out["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"] = {

@@ -18,7 +18,8 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     zoo = ensure_zoo("test", cache_dir=tmp_path / "zoo", evaluate_after=False)
     rc = akd.main(["--zoo-dir", str(zoo.root), "--uploads", "6", "--eval-n", "6",
                    "--steps", "2", "--batch-size", "4", "--shares", "0.5", "0.99",
-                   "--bits", "8", "4", "--budgets", "0.05", "--timing-repeats", "2", "--out", str(tmp_path / "out")])
+                   "--bits", "8", "4", "--budgets", "0.05", "--timing-repeats", "2",
+                   "--out", str(tmp_path / "out")])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "akd.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
@@ -58,12 +59,18 @@ def _report(points: list[tuple[float, float]], ratio: float) -> dict:
 def test_goals_arithmetic() -> None:
     g = akd.goals(_report([(0.05, 0.0), (0.015, 0.004), (0.01, 0.02)], 1.3))
     dwc = g["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]
-    assert dwc["met"] is True and dwc["best_point"]["over_dense_fp16"] == 0.015
+    assert dwc["met"] is True and dwc["status"] == "pass"
+    assert dwc["best_point"]["over_dense_fp16"] == 0.015
     assert dwc["smallest_point"]["over_dense_fp16"] == 0.01
     assert [p["over_dense_fp16"] for p in dwc["points_within_2pct"]] == [0.015, 0.01]
     assert dwc["gain_resolvable"] is True and dwc["exact_delta_gain_pt"] == pytest.approx(20)
     assert g["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"]["met"] is False
     assert g["zoo_quality"]["teacher_beats_student"] is True
     g = akd.goals(_report([(0.05, 0.0), (0.01, 0.006)], 1.2))
-    assert g["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]["met"] is False
+    assert g["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]["status"] == "fail"
+    # a round whose exact delta moves accuracy less than the noise shows nothing
+    weak = _report([(0.01, 0.0)], 1.2)
+    weak["accuracy"]["before"]["low_light"]["acc"] = 0.59
+    dwc = akd.goals(weak)["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]
+    assert (dwc["met"], dwc["met_by_letter"], dwc["status"]) == (False, True, "not shown")
     assert g["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"]["met"] is True
