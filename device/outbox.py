@@ -195,8 +195,10 @@ class Outbox:
 
         Returns the number of samples stored. Samples whose id is already held are ignored.
         Raises:
-            StoreFullError: `full_policy` is "reject_new" and the samples do not fit (the cursor
-                still advances: the rejection is counted, the sample is not retried).
+            StoreFullError: `full_policy` is "reject_new" and the samples do not fit, or they
+                would eat into the disk reserve (the cursor still advances: the rejection is
+                counted, the sample is not retried); or the disk is full (SQLITE_FULL: nothing
+                was written, not even the cursor; counted if the counter still fits).
         """
         rows = [(s.sample_id, convert.encode_sample_batch(SampleBatch(batch.adapter_version, (s,))))
                 for s in batch.samples]
@@ -218,7 +220,8 @@ class Outbox:
                 self._count_disk_full(len(rows), e)
                 raise
         if not stored:
-            raise StoreFullError(f"outbox full ({self.config.max_bytes} bytes): "
+            raise StoreFullError(f"outbox full (budget {self.config.max_bytes} bytes, disk "
+                                 f"reserve {self.config.disk_reserve_bytes} bytes): "
                                  f"rejected {len(rows)} new sample(s)")
         return len(rows)
 

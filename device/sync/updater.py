@@ -158,7 +158,6 @@ class AdapterUpdater:
                                           "payload_bytes": len(payload)})
         return UpdateAck(header.version, "applied", after, before)
 
-
     def owed_acks(self) -> list[UpdateAck]:
         """The serving version's "applied" ack when the cloud never confirmed it (a crash took
         it); re-sending is harmless, the cloud records an ack idempotently."""
