@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -64,10 +65,11 @@ class _Errors(logging.Handler):
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CloudApp, Device, _Errors]]:
     errors = _Errors()
     logging.getLogger("cloud").addHandler(errors)
-    app = CloudApp(CloudSettings(
-        data_dir=tmp_path_factory.mktemp("cloud"), enrollment_secret="fleet-secret",
-        listen_address="127.0.0.1:0", insecure=True,
-        worker={"enabled": False, "trainer": "tiny-kd"}))
+    values: dict[str, Any] = {
+        "data_dir": tmp_path_factory.mktemp("cloud"), "enrollment_secret": "fleet-secret",
+        "listen_address": "127.0.0.1:0", "insecure": True,
+        "worker": {"enabled": False, "trainer": "tiny-kd"}}
+    app = CloudApp(CloudSettings(**values))
     channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
     try:
         yield app, Device(channel, "cam-fuzz").register(), errors
