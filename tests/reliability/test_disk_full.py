@@ -8,9 +8,10 @@ RESOURCE_EXHAUSTED naming the disk, nothing of it is stored or left behind, what
 is intact, the daemon stays healthy, and (1) after a restart with space the same upload id is
 stored once.
 
-Device: the durable outbox on a real 1 MiB tmpfs: every sample offered is either stored and later
-acknowledged exactly once, or refused with StoreFullError and counted; the database stays intact,
-and a disk filled to the last byte by another writer only delays the drain.
+Device: the durable outbox on a real 1 MiB tmpfs, drained by the real Uploader over gRPC: every
+sample offered is either stored and later received by the cloud exactly once, or refused with
+StoreFullError and counted; the database stays intact, and a disk filled to the last byte by
+another writer only delays the drain.
 """
 
 from __future__ import annotations
@@ -191,5 +192,6 @@ def test_outbox_on_a_full_disk_counts_every_refusal_and_drains(tmp_path: Path) -
     assert (c["enqueued"], c["uploaded_samples"], c["rejected_new"]) == (
         len(stored), len(stored), len(refused))  # seen = uploaded + refused, all counted
     assert r["depth"] == [0, 0]
+    assert r["full_on_drain_while_full"] >= 1  # the uploader met the full disk and backed off
     logging.getLogger(__name__).info("outbox on a 1 MiB disk: %s", {
         k: len(v) if isinstance(v, list) else v for k, v in r.items()})
