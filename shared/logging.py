@@ -50,3 +50,6 @@ def setup_logging(level: str = "INFO", json_output: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # bitsandbytes (imported by peft) warns at import on every CPU start that an optional
+    # `kernels` package for 4-bit CPU matmuls is missing; the NF4 path works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

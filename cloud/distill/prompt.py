@@ -14,17 +14,7 @@ from typing import Any
 import torch
 
 from shared.errors import ConfigError
-
-LAYOUTS = ("visual_first", "question_first", "question_both")
-
-
-def _layout_of(processor: Any) -> str:
-    """The processor config's prompt layout (older configs: a `question_first` flag)."""
-    config = getattr(processor, "config", None)
-    layout = getattr(config, "prompt_layout", None)
-    if layout is not None:
-        return str(layout)
-    return "question_first" if getattr(config, "question_first", False) else "visual_first"
+from shared.models.processor import PROMPT_LAYOUTS as LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -58,7 +48,7 @@ class PromptFormatter:
             tokenizer=processor.tokenizer,
             visual_id=processor.video_id if media_kind == "video" else processor.image_id,
             eos_id=processor.eos_id, pad_id=processor.pad_id, bos_id=processor.bos_id,
-            answer_id=processor.answer_id, layout=_layout_of(processor),
+            answer_id=processor.answer_id, layout=processor.config.prompt_layout,
         )
 
     def prompt_ids(self, question: str, num_visual: int) -> list[int]:

@@ -150,7 +150,7 @@ def _cell_center(cell: int, size: int, rng: np.random.Generator) -> np.ndarray:
     grid = size // CELL
     c = float(CELL)
     r, col = divmod(cell, grid)
-    jitter = rng.uniform(-0.1, 0.1, size=2) * c
+    jitter = rng.uniform(-0.03, 0.03, size=2) * c
     # the bottom row sits a little higher: the progress bar occupies the last pixel rows
     y = (r + 0.5) * c - (0.12 * c if r == grid - 1 else 0.0)
     return np.array([(col + 0.5) * c, y], dtype=np.float32) + jitter.astype(np.float32)
@@ -270,7 +270,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
     if shape == "triangle":  # apex up, base at +r
         return (dy <= 0.8 * r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.62)
     if shape == FLASH_SHAPE:
-        t = 0.3 * r
+        t = 0.38 * r
         return ((np.abs(dx) <= t) & (np.abs(dy) <= r)) | ((np.abs(dy) <= t) & (np.abs(dx) <= r))
     raise ConfigError(f"`shape` {shape!r} is not one of {SHAPE_CLASSES[1:]}")
 
@@ -309,7 +309,7 @@ def _render(rng: np.random.Generator, objects: list[SceneObject], num_frames: in
     omap = np.full((num_frames, size, size), -1, dtype=np.int8)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     for i, obj in enumerate(objects):
-        r = rng.uniform(4.8, 6.0)
+        r = rng.uniform(5.4, 6.4)
         dx = xx[None] - obj.centers[:, 0, None, None]  # (F, H, W)
         dy = yy[None] - obj.centers[:, 1, None, None]
         m = _shape_mask(obj.shape, dx, dy, r) & obj.visible[:, None, None]

@@ -5,9 +5,9 @@ post-pooling tokens (one token per 16 px cell): per cell the shape class present
 observed colour and centre; per frame the progress-bar time and the observed background colour.
 The targets are appearance, not names: naming colours under a camera's shift is the language
 model's job, which is what makes a `source`-only student fail on shifted domains.
-Stage B freezes tower + projector, caches their tokens and trains the teacher's language model on
-all domains; stage C copies the same frozen visual weights into the student and trains its
-smaller language model on `source` only. Both go through `forward(mm_encoder_outputs=...)`,
+Stage B freezes tower + projector (standardised, see `standardize_projector`), caches their
+tokens and trains the teacher's language model on all domains; stage C copies the same frozen
+visual weights into the student and trains its smaller language model on `source` only. Both go through `forward(mm_encoder_outputs=...)`,
 the path the cloud uses for tokens uploaded by a device.
 """
 
@@ -145,6 +145,11 @@ def train_vision(model: PreTrainedModel, processor: VLMProcessor,
                                "model.visual."))]
     opt = torch.optim.AdamW([*params, *head.parameters()], lr=sched.lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched))
+    # rare classes (the flash cross is in 1/4 of the frames, one cell of 9) get up-weighted by
+    # 1/sqrt(frequency): unweighted, the cross was never predicted after stage A
+    freq = torch.bincount(targets[..., 0].long().flatten(), minlength=_N_CLASS).float()
+    cls_weight = (freq.sum() / freq.clamp(min=1)).sqrt()
+    cls_weight = cls_weight / cls_weight.mean()  # (K,)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     cfg = processor.config
@@ -163,7 +168,8 @@ def train_vision(model: PreTrainedModel, processor: VLMProcessor,
         reg = tgt[..., 1:10].mean(1)  # (U, C, 9)
         is_video = tgt[..., 11].amax(1)
         out = head(_unit_tokens(model, px, arch))  # (U, C, H)
-        l_cls = F.cross_entropy(out[..., :_N_CLASS].flatten(0, 1), cls.flatten())
+        l_cls = F.cross_entropy(out[..., :_N_CLASS].flatten(0, 1), cls.flatten(),
+                                weight=cls_weight)
         mse = (out[..., _N_CLASS:] - reg) ** 2  # (U, C, 9)
         l_obj = (mse[..., 0:5].mean(-1) * has).sum() / has.sum().clamp(min=1)
         l_time = (mse[..., 5] * is_video).sum() / is_video.sum().clamp(min=1)
@@ -227,25 +233,21 @@ def cache_visual_tokens(model: PreTrainedModel, processor: VLMProcessor,
 
 
 def train_language(model: PreTrainedModel, processor: VLMProcessor,
-                   samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor] | None,
+                   samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
                    sched: StageSchedule, seed: int, desc: str,
                    progress: bool = True) -> float:
-    """Stages B/C: train the language model; returns the final loss (EMA).
+    """Stages B/C: train the language model on cached visual tokens; returns the final loss (EMA).
 
-    With `tokens` (cached visual tokens) only the language model trains. With `tokens=None`
-    (teacher stage B) the projector trains too, on pixels through the frozen tower: a frozen
-    projector left the language model at chance. Each step draws one media kind (by its share
-    of `samples`) and a batch of that kind.
+    The tower and projector stay frozen (their standardised tokens are what a device uploads),
+    so a step costs only the language model. Each step draws one media kind (by its share of
+    `samples`) and a batch of that kind.
     """
     pools: dict[str, list[int]] = {"video": [], "image": []}
     for i, s in enumerate(samples):
         pools[s.media_kind].append(i)
     kinds = [k for k, v in pools.items() if v]
     weights = torch.tensor([len(pools[k]) for k in kinds], dtype=torch.float)
-    prefixes: tuple[str, ...] = ("model.language_model.", "lm_head.")
-    if tokens is None:
-        prefixes += ("model.multi_modal_projector.", "model.image_newline",
-                     "model.visual.merger.")
+    prefixes = ("model.language_model.", "lm_head.")
     params = [p for k, p in model.named_parameters() if k.startswith(prefixes)]
     for k, p in model.named_parameters():
         p.requires_grad_(k.startswith(prefixes))
@@ -260,16 +262,6 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
         pool = pools[kind]
         pick = [pool[int(j)] for j in torch.randint(0, len(pool), (sched.batch,), generator=gen)]
         batch = [samples[i] for i in pick]
-        if tokens is None:
-            loss = model(**processor(batch, answers=True)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            lr_sched.step()
-            ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{ema:.3f}")
-            continue
         text = processor.text_inputs([s.question for s in batch], [s.answer for s in batch],
                                      kind)
         grid_key = "video_grid_thw" if kind == "video" else "image_grid_thw"

@@ -2,9 +2,11 @@
 
 Turns frames + questions (+ answers) into model inputs: prompt ids with the right number of
 visual placeholder tokens, pixel tensors in the layout of the target class, attention mask,
-`mm_token_type_ids` for Qwen2-VL, and labels on the answer only. Prompt layout:
+`mm_token_type_ids` for Qwen2-VL, and labels on the answer only. Prompt layouts:
 
-    <bos> [visual block] question words <ans> | answer words <eos>
+    visual_first:   <bos> [visual block] question <ans> | answer words <eos>
+    question_first: <bos> question [visual block] <ans> | answer words <eos>
+    question_both:  <bos> question [visual block] question <ans> | answer words <eos>
 
 where the visual block is N x <video> (or <image>) for LLaVA-OneVision and
 <|vision_start|> N x <video> <|vision_end|> for Qwen2-VL. Padding is on the left, so one
@@ -29,6 +31,7 @@ from shared.models import tokenizer as T
 from shared.models.architectures import ARCHITECTURES, VLMSpec
 
 PROCESSOR_FILE = "cdca_processor.json"
+PROMPT_LAYOUTS: tuple[str, ...] = ("visual_first", "question_first", "question_both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +49,10 @@ class ProcessorConfig:
     """Qwen2-VL spatial merge (2 x 2 patches -> 1 token)."""
     temporal_patch_size: int = 2
     """Qwen2-VL frames per temporal patch."""
-    question_first: bool = False
-    """Put the question before the visual block, so visual tokens can attend to it."""
+    prompt_layout: str = "visual_first"
+    """`visual_first` (<vis> q), `question_first` (q <vis>) or `question_both` (q <vis> q): a
+    question before the visual block lets visual tokens attend to it; one after it lets text
+    tokens (SparseVLM's raters) attend to the visual tokens."""
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -56,6 +61,9 @@ class ProcessorConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"`image_size` ({self.image_size}) must be a multiple of "
                               f"`patch_size` ({self.patch_size})")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ConfigError(f"`prompt_layout` must be one of {PROMPT_LAYOUTS}, "
+                              f"got {self.prompt_layout!r}")
         if self.num_frames < 1:
             raise ConfigError(f"`num_frames` must be >= 1, got {self.num_frames}")
         if self.architecture == "qwen2_vl" and self.num_frames % self.temporal_patch_size:
@@ -81,10 +89,12 @@ class VLMProcessor:
         self.pad_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_spec(cls, spec: VLMSpec, tokenizer: PreTrainedTokenizerFast) -> VLMProcessor:
+    def from_spec(cls, spec: VLMSpec, tokenizer: PreTrainedTokenizerFast,
+                  prompt_layout: str = "visual_first") -> VLMProcessor:
         """A processor matching the model sizes of `spec`."""
         return cls(ProcessorConfig(architecture=spec.architecture, image_size=spec.image_size,
-                                   patch_size=spec.patch_size, num_frames=spec.num_frames),
+                                   patch_size=spec.patch_size, num_frames=spec.num_frames,
+                                   prompt_layout=prompt_layout),
                    tokenizer)
 
     # ------------------------------------------------------------------ persistence
@@ -229,8 +239,11 @@ class VLMProcessor:
                  if answers is not None else None)
         seqs, labels = [], []
         for i, q in enumerate(q_ids):
-            if self.config.question_first:
+            layout = self.config.prompt_layout
+            if layout == "question_first":
                 prompt = [self.bos_id, *q, *visual, self.answer_id]
+            elif layout == "question_both":
+                prompt = [self.bos_id, *q, *visual, *q, self.answer_id]
             else:
                 prompt = [self.bos_id, *visual, *q, self.answer_id]
             tail = [*a_ids[i], self.eos_id] if a_ids is not None else []

@@ -39,23 +39,11 @@ def test_formatter_and_embeds_match_the_processor_and_stock_forward() -> None:
 
 @pytest.mark.parametrize("layout", ["visual_first", "question_first", "question_both"])
 def test_formatter_follows_the_processor_prompt_layout(layout: str) -> None:
-    import dataclasses
+    from shared.models.processor import VLMProcessor
 
-    from cloud.distill.prompt import LAYOUTS
-    from shared.models.processor import ProcessorConfig, VLMProcessor
-
-    assert layout in LAYOUTS
     tok, _ = zoo.make_tokenizer_ids()
     spec = models.VLMSpec(text_layers=1, vision_layers=1)
-    proc = VLMProcessor.from_spec(spec, tok)
-    fields = {f.name for f in dataclasses.fields(ProcessorConfig)}
-    if "prompt_layout" in fields:
-        change: dict[str, object] = {"prompt_layout": layout}
-    elif layout != "question_both":  # processors before `prompt_layout` had a flag
-        change = {"question_first": layout == "question_first"}
-    else:
-        pytest.skip("this processor has no question_both layout")
-    proc = VLMProcessor(dataclasses.replace(proc.config, **change), tok)
+    proc = VLMProcessor.from_spec(spec, tok, layout)
     fmt = PromptFormatter.from_processor(proc, "video")
     assert fmt.layout == layout
     sample = procedural.batch("source", 1, seed=3, config=procedural.GeneratorConfig(
