@@ -25,7 +25,7 @@ from demo.processes import Cloud, Device, make_certs
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "demo-fleet-secret"
-DEVICES = (("cam-lowlight", "low_light", 101), ("cam-clutter", "clutter", 202))
+DEVICES = (("cam-lowlight", "low_light", 101), ("cam-colorcast", "color_cast", 202))
 EVAL_SEED = 424242
 """Held-out evaluation stream (device streams use the seeds above, the zoo 1 and 999)."""
 
@@ -35,10 +35,10 @@ class DemoConfig:
     """How much the demo does; `quick()` is the test-suite size."""
 
     rounds: int = 3
-    samples_per_round: int = 32
+    samples_per_round: int = 64
     eval_samples: int = 96
     calibration_samples: int = 16
-    probe_samples: int = 16
+    probe_samples: int = 48
     trainer: str = "akd"
     trainer_steps: int = 30
     zoo: str = "default"
@@ -53,6 +53,22 @@ class DemoConfig:
     def quick(cls, **kw: Any) -> DemoConfig:
         return cls(**{"rounds": 1, "samples_per_round": 12, "eval_samples": 12,
                       "calibration_samples": 8, "probe_samples": 8, "trainer_steps": 8, **kw})
+
+
+def gap_goals(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]
+              ) -> list[dict[str, Any]]:
+    """Per device, at its last round: share of the student-to-teacher gap closed on its shifted
+    domain and the change on source (the issue's goals: >= 80% and >= -2 points)."""
+    out = []
+    for device, domain, _ in DEVICES:
+        last = max((r for r in rows if r["device"] == device), key=lambda r: r["round"])
+        gap = refs["teacher"][domain] - refs["student"][domain]
+        closed = (last["acc_shifted"] - refs["student"][domain]) / gap if gap > 0 else 0.0
+        change = 100 * (last["acc_source"] - refs["student"]["source"])
+        out.append({"device": device, "domain": domain, "round": last["round"],
+                    "gap_closed": closed, "source_change_pt": change,
+                    "met": closed >= 0.8 and change >= -2.0})
+    return out
 
 
 def trainer_options(cfg: DemoConfig, teacher: Path, student: Path, data: Path
@@ -230,11 +246,12 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path) -> dict[str, Any]:
         snap = snapshots[(row["device"], row["round"])]
         acc = refs["student"] if snap is None else ev.adapter(snap)
         row["acc_shifted"], row["acc_source"] = acc[row["domain"]], acc["source"]
+    goals = gap_goals(rows, refs)
     notes = [
-        f"The zoo models are near chance (teacher {refs['teacher']['source']:.3f}, student "
-        f"{refs['student']['source']:.3f} on source here), so accuracy differences between "
-        f"rounds are within the noise of {cfg.eval_samples} samples; the demo shows the "
-        "pipeline working end to end (bytes, versions, probes), not an accuracy gain.",
+        *(f"{g['device']} ({g['domain']}): closed {g['gap_closed']:.0%} of the student-teacher "
+          f"gap after round {g['round']} (goal >= 80%), source {g['source_change_pt']:+.1f} pt "
+          f"(goal >= -2 pt); one held-out sample is {100 / cfg.eval_samples:.1f} pt."
+          for g in goals),
         "Accuracy is measured on the uncompressed student carrying each stored adapter; the "
         "device itself serves with VidCom2 token compression.",
         "Downlink bytes are the DWC payload sizes the devices logged when applying, rolling "
@@ -252,6 +269,7 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path) -> dict[str, Any]:
         "eval_domains": domains,
         "references": refs,
         "rows": rows,
+        "goals": goals,
         "update_events": {d.device_id: d.update_events for d in devices},
         "notes": notes,
     }

@@ -205,21 +205,21 @@ def test_compose_catches_what_the_schema_cannot(edit: str, tmp_path: Path) -> No
 
 def test_services_and_start_order() -> None:
     services = model()["services"]
-    assert set(services) == {"certs", "zoo", "cloud", "device-lowlight", "device-clutter"}
+    assert set(services) == {"certs", "zoo", "cloud", "device-lowlight", "device-colorcast"}
     done = {"condition": "service_completed_successfully", "required": True}
     for one_shot in ("certs", "zoo"):
         assert services[one_shot]["restart"] == "no"
         assert services[one_shot]["healthcheck"] == {"disable": True}
     assert services["cloud"]["depends_on"] == {"certs": done, "zoo": done}
-    for device in ("device-lowlight", "device-clutter"):
+    for device in ("device-lowlight", "device-colorcast"):
         assert services[device]["depends_on"] == {
             "certs": done, "zoo": done,
             "cloud": {"condition": "service_healthy", "required": True}}
     domains = {services[d]["environment"]["CDCA_DEVICE_INPUT__DOMAINS"]
-               for d in ("device-lowlight", "device-clutter")}
-    assert domains == {'["low_light"]', '["clutter"]'}
+               for d in ("device-lowlight", "device-colorcast")}
+    assert domains == {'["low_light"]', '["color_cast"]'}
     # Devices first register, then run.
-    for device in ("device-lowlight", "device-clutter"):
+    for device in ("device-lowlight", "device-colorcast"):
         steps = [c[:2] for c in _split_shell(services[device]["command"])]
         assert steps == [["device-agent", "register"], ["device-agent", "run"]]
 
@@ -322,7 +322,7 @@ def test_the_command_checks_can_fail() -> None:
 def test_every_tls_path_is_a_file_the_certs_job_writes(tmp_path: Path) -> None:
     volumes = generate_like_the_certs_job(tmp_path)
     services = model()["services"]
-    for name in ("cloud", "device-lowlight", "device-clutter"):
+    for name in ("cloud", "device-lowlight", "device-colorcast"):
         svc = services[name]
         mnt = mounts(svc)
         assert mnt["/tls"]["source"] == "tls" and mnt["/tls"].get("read_only"), name
@@ -367,7 +367,7 @@ def test_cloud_settings_load_from_the_container_environment(
     assert probe.address == f"127.0.0.1:{port}" and probe.cert_file is not None
 
 
-@pytest.mark.parametrize("name", ["device-lowlight", "device-clutter"])
+@pytest.mark.parametrize("name", ["device-lowlight", "device-colorcast"])
 def test_device_settings_load_from_the_container_environment(
     name: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -422,7 +422,7 @@ def test_the_zoo_job_publishes_where_the_devices_load_from() -> None:
         assert Path(workdir) / zoo.COMMITTED.relative_to(zoo.REPO_ROOT) == Path(target)
     cache = Path(argv[argv.index("--cache-dir") + 1])
     assert cache.is_relative_to(target), "the training cache must persist in the volume"
-    for device in ("device-lowlight", "device-clutter"):
+    for device in ("device-lowlight", "device-colorcast"):
         svc = services[device]
         assert mounts(svc)[target]["source"] == "models"
         assert mounts(svc)[target].get("read_only")

@@ -26,7 +26,7 @@ from tests.docker.compose_model import (
 from tests.support import BIN, ROOT, subprocess_env
 
 pytestmark = pytest.mark.integration
-DEVICES = ("device-lowlight", "device-clutter")
+DEVICES = ("device-lowlight", "device-colorcast")
 
 
 def localize(name: str, kind: str, root: Path) -> dict[str, str]:

@@ -45,6 +45,6 @@ def test_quick_demo_adapts_both_devices_and_reports(tmp_path: Path) -> None:
     refs = result["references"]
     assert set(refs) == {"teacher", "student"}
     assert set(refs["teacher"]) == set(result["eval_domains"]) == {"source", "low_light",
-                                                                  "clutter"}
+                                                                  "color_cast"}
     base = [r for r in result["rows"] if r["round"] == 0]
     assert all(r["acc_source"] == refs["student"]["source"] for r in base)
