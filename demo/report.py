@@ -80,6 +80,116 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
     return [acc_png, bytes_png]
 
 
+def _short(changes: dict[str, Any]) -> str:
+    """`key=value` of what a variant changes (nested tables flattened)."""
+    flat: list[str] = []
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        else:
+            flat.append(f"{prefix}={v}")
+
+    for where, v in changes.items():
+        if v:
+            walk(where, v)
+    return ", ".join(f"`{f}`" for f in flat) or "default demo settings"
+
+
+def ablation_table(ab: dict[str, Any]) -> str:
+    """One Markdown row per (group, variant): final accuracy per device, bytes up and down."""
+    devices = list(next(iter(ab["variants"].values()))["devices"].items())
+    acc_cols = [f"{d} {info['domain']} / source" for d, info in devices]
+    head = ["group", "variant", "changes", *acc_cols, "uploaded samples", "uplink bytes",
+            "uplink B/sample", "downlink B/round", "rollbacks"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, names in ab["groups"].items():
+        for n in names:
+            v = ab["variants"][n]
+            ds = v["devices"].values()
+            per_sample = v["uplink_bytes"] / v["uploaded_samples"] if v["uploaded_samples"] else 0
+            lines.append("| " + " | ".join([
+                group, n, _short(v["changes"]),
+                *(f"{d['acc_shifted']:.3f} / {d['acc_source']:.3f}" for d in ds),
+                str(v["uploaded_samples"]), str(v["uplink_bytes"]), f"{per_sample:.0f}",
+                f"{v['downlink_bytes_per_round']:.0f}", str(sum(d["rollbacks"] for d in ds)),
+            ]) + " |")
+    full = ab.get("full_adapter_fp16_bytes_per_round")
+    if full is not None:
+        lines.append("| downlink codec | full-adapter (computed) | every LoRA tensor in fp16 | "
+                     + " | ".join("-" for _ in devices) + f" | - | - | - | {full} | - |")
+    return "\n".join(lines)
+
+
+def ablation_plot(ab: dict[str, Any], out: Path) -> Path:
+    """ablations.png: final accuracy, uplink bytes and downlink bytes per round by variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ab["variants"])
+    variants = [ab["variants"][n] for n in names]
+    devices = list(variants[0]["devices"].items())
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    width = 0.8 / (2 * len(devices))
+    for j, (dev, info) in enumerate(devices):
+        for k, (key, label) in enumerate((("acc_shifted", info["domain"]), ("acc_source",
+                                                                            "source"))):
+            x = [i + (2 * j + k - len(devices) + 0.5) * width for i in range(len(names))]
+            axes[0].bar(x, [v["devices"][dev][key] for v in variants], width,
+                        label=f"{dev} on {label}")
+    axes[0].set_ylabel("final exact-match accuracy")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    axes[1].bar(range(len(names)), [v["uplink_bytes"] for v in variants])
+    axes[1].set_ylabel(f"uplink bytes, {ab['rounds']} rounds, both devices")
+    down = [v["downlink_bytes_per_round"] for v in variants]
+    axes[2].bar(range(len(names)), down)
+    full = ab.get("full_adapter_fp16_bytes_per_round")
+    if full is not None:
+        axes[2].axhline(full, color="k", linestyle="--", label="full adapter fp16 (computed)")
+        axes[2].legend(fontsize=7)
+    axes[2].set_ylabel("downlink bytes per round per device")
+    for ax in axes[1:]:
+        ax.set_yscale("log")
+    for ax in axes:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    fig.suptitle(f"ablations ({ab['rounds']} rounds of {ab['samples_per_round']} samples each)")
+    fig.tight_layout()
+    png = out / "ablations.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def ablation_section(ab: dict[str, Any], out: Path) -> list[str]:
+    """The report's "Ablations" section (and its PNG)."""
+    ablation_plot(ab, out)
+    return [
+        "## Ablations", "",
+        f"`python -m demo --ablations`: each variant is a fresh run of the same loop (new "
+        f"certificates, stores and devices) with one setting changed, {ab['rounds']} rounds of "
+        f"{ab['samples_per_round']} samples per device (fewer rounds than the demo so that all "
+        "variants fit in 15 minutes on 2 cores), evaluated on the same held-out sets. "
+        "Accuracy is each device's final adapter; bytes are summed over both devices "
+        "(uplink) or averaged over devices and rounds (downlink).", "",
+        f"- `random` uploads the same share of samples UTS uploaded in `uts` (per round of "
+        f"{ab['round_size']}), with the same per-sample token byte budget; `upload-all` sends "
+        "every sample.",
+        "- `vidcom2-all-tokens` vs `no-vidcom2`: the per-sample token budget is lifted in both, "
+        "so the uplink carries every token the compressor kept (with the default budget both "
+        "would send the same tokens per sample); the device also answers with that compressor.",
+        "- `ce-only`: the `akd` trainer with `kl_weight = feature_weight = 0` (pseudo-label "
+        "cross-entropy only, as in bench/akd.py).",
+        "- `full-adapter` is not a codec the device decodes: its row is the fp16 size of every "
+        "LoRA tensor of the stored adapter, computed, not transmitted.", "",
+        ablation_table(ab), "", "![ablations](ablations.png)", "",
+    ]
+
+
 def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
     """demo.json, report.md and the plots into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +223,7 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
             f"{b:.3f} -> {a:.3f}" for b, a in r["probes"] if a is not None and b is not None)
           for r in result["rows"] if r.get("probes")], "",
         "![accuracy](accuracy.png)", "", "![bytes](bytes.png)", "",
+        *(ablation_section(result["ablations"], out) if "ablations" in result else []),
         "## Notes", "", *[f"- {n}" for n in result["notes"]], "",
     ]
     (out / "report.md").write_text("\n".join(md))
