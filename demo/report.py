@@ -142,9 +142,9 @@ def ablation_plot(ab: dict[str, Any], out: Path) -> Path:
                         label=f"{dev} on {label}")
     axes[0].set_ylabel("final exact-match accuracy")
     axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, loc="lower right")
     axes[1].bar(range(len(names)), [v["uplink_bytes"] for v in variants])
-    axes[1].set_ylabel(f"uplink bytes, {ab['rounds']} rounds, both devices")
+    axes[1].set_ylabel(f"uplink bytes, {ab['rounds']} round(s), both devices")
     down = [v["downlink_bytes_per_round"] for v in variants]
     axes[2].bar(range(len(names)), down)
     full = ab.get("full_adapter_fp16_bytes_per_round")
@@ -154,10 +154,11 @@ def ablation_plot(ab: dict[str, Any], out: Path) -> Path:
     axes[2].set_ylabel("downlink bytes per round per device")
     for ax in axes[1:]:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1e3)  # bars on a log axis need a floor; every byte count is above
     for ax in axes:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    fig.suptitle(f"ablations ({ab['rounds']} rounds of {ab['samples_per_round']} samples each)")
+    fig.suptitle(f"ablations ({ab['rounds']} round(s) of {ab['samples_per_round']} samples each)")
     fig.tight_layout()
     png = out / "ablations.png"
     fig.savefig(png, dpi=100)
@@ -171,7 +172,7 @@ def ablation_section(ab: dict[str, Any], out: Path) -> list[str]:
     return [
         "## Ablations", "",
         f"`python -m demo --ablations`: each variant is a fresh run of the same loop (new "
-        f"certificates, stores and devices) with one setting changed, {ab['rounds']} rounds of "
+        f"certificates, stores and devices) with one setting changed, {ab['rounds']} round(s) of "
         f"{ab['samples_per_round']} samples per device (fewer rounds than the demo so that all "
         "variants fit in 15 minutes on 2 cores), evaluated on the same held-out sets. "
         "Accuracy is each device's final adapter; bytes are summed over both devices "
