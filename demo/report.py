@@ -186,7 +186,9 @@ def ablation_section(ab: dict[str, Any], out: Path) -> list[str]:
         "- `ce-only`: the `akd` trainer with `kl_weight = feature_weight = 0` (pseudo-label "
         "cross-entropy only, as in bench/akd.py).",
         "- `full-adapter` is not a codec the device decodes: its row is the fp16 size of every "
-        "LoRA tensor of the stored adapter, computed, not transmitted.", "",
+        "LoRA tensor of the stored adapter, computed, not transmitted, for one version; "
+        "`downlink B/round` of the other rows sums every update a device received in the round "
+        "(applied, rolled back or rejected), and a round can carry more than one version.", "",
         ablation_table(ab), "", "![ablations](ablations.png)", "",
     ]
 
