@@ -8,12 +8,14 @@ number of concurrent calls is bounded.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cloud.inflight import InFlightCalls
 from cloud.servicer import SyncServicer
 from cloud.settings import TlsSettings
 from shared.errors import ConfigError
@@ -46,8 +48,10 @@ class CloudServer:
         max_concurrent_rpcs: int | None = None,
     ) -> None:
         self._servicer = servicer
+        self._inflight = InFlightCalls(SERVICE_NAME)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+            interceptors=[self._inflight],
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -82,7 +86,12 @@ class CloudServer:
         self._servicer.draining = True
 
     def stop(self, grace_s: float) -> None:
-        """Drain: flip health, refuse new calls, let in-flight calls finish within `grace_s`."""
+        """Drain: flip health, refuse new calls, let in-flight calls finish within `grace_s`.
+
+        The server stays up until the in-flight calls are done, so new calls meet the draining
+        servicer (UNAVAILABLE, retryable) rather than gRPC core's shutdown (CANCELLED)."""
         self.enter_drain()
-        self._server.stop(grace_s).wait()
+        deadline = time.monotonic() + grace_s
+        self._inflight.wait_idle(grace_s)
+        self._server.stop(max(0.0, deadline - time.monotonic())).wait()
         log.info("stopped")
