@@ -7,8 +7,9 @@ The targets are appearance, not names: naming colours under a camera's shift is 
 model's job, which is what makes a `source`-only student fail on shifted domains.
 Stage B freezes tower + projector (standardised, see `standardize_projector`), caches their
 tokens and trains the teacher's language model on all domains; stage C copies the same frozen
-visual weights into the student and trains its smaller language model on `source` only. Both go through `forward(mm_encoder_outputs=...)`,
-the path the cloud uses for tokens uploaded by a device.
+visual weights into the student and trains its smaller language model on `source` only. Both
+go through `forward(mm_encoder_outputs=...)`, the path the cloud uses for tokens uploaded by a
+device, with an auxiliary per-token loss (`token_targets`) on the middle layer.
 """
 
 from __future__ import annotations
@@ -232,15 +233,87 @@ def cache_visual_tokens(model: PreTrainedModel, processor: VLMProcessor,
     return out  # type: ignore[return-value]
 
 
+# per visual token: colour name | shape class | relevant to the question | motion direction
+AUX_CLASSES: tuple[int, ...] = (len(P.COLOR_NAMES) + 1, _N_CLASS, 2, len(P.DIRECTIONS) + 1)
+
+
+def _objects_per_cell(s: P.QASample, grid: int) -> torch.Tensor:
+    """Index into `s.objects` of the object in each (frame, cell), -1 where empty: (F, C)."""
+    nf = s.frames.shape[0]
+    out = torch.full((nf, grid * grid), -1, dtype=torch.long)
+    for k, o in enumerate(s.objects):
+        xy = np.clip((o.centers // P.CELL).astype(np.int64), 0, grid - 1)  # (F, 2)
+        for f in np.nonzero(o.visible)[0]:
+            out[f, xy[f, 1] * grid + xy[f, 0]] = k
+    return out
+
+
+def _object_labels(s: P.QASample) -> torch.Tensor:
+    """Per object: colour name, shape class, relevance to the question, motion: (K, 4)."""
+    words = s.question.rstrip("?").split()
+    colour = next((w for w in words if w in P.COLORS), None)
+    shape = next((w for w in words if w in P.SHAPES), None)
+    rows = []
+    for o in s.objects:
+        moved = o.centers[-1] - o.centers[0]  # (2,) x, y
+        if np.abs(moved).max() < 1.0:
+            motion = 0
+        elif abs(moved[0]) > abs(moved[1]):
+            motion = 1 + P.DIRECTIONS.index("right" if moved[0] > 0 else "left")
+        else:
+            motion = 1 + P.DIRECTIONS.index("down" if moved[1] > 0 else "up")
+        if s.qtype == "flash":
+            relevant = o.shape == P.FLASH_SHAPE
+        elif s.qtype == "direction":
+            relevant = motion > 0
+        else:
+            relevant = ((colour is None or o.color == colour)
+                        and (shape is None or o.shape == shape) and o.shape != P.FLASH_SHAPE)
+        rows.append([1 + P.COLOR_NAMES.index(o.color), P.SHAPE_CLASSES.index(o.shape),
+                     int(relevant), motion])
+    return torch.tensor(rows, dtype=torch.long).view(-1, 4)
+
+
+def token_targets(s: P.QASample, processor: VLMProcessor) -> torch.Tensor | None:
+    """Auxiliary targets of stages B/C for each visual token of `s`: (N, 4), -100 = none.
+
+    Columns follow `AUX_CLASSES`. They name what the language model must read out of a token
+    before it can answer (which object is there, whether the question is about it, how it
+    moves); the answer loss alone teaches that through one token per sample and left count,
+    exists and direction near chance. None where the token grid is not one token per cell.
+    """
+    cfg = processor.config
+    size = s.frames.shape[1]
+    grid, g = size // P.CELL, cfg.image_size // cfg.patch_size
+    if size != cfg.image_size or g != 2 * grid:
+        return None
+    obj = _objects_per_cell(s, grid)  # (F, C)
+    labels = torch.cat([torch.full((1, 4), -100, dtype=torch.long), _object_labels(s)])
+    per_cell = labels[obj + 1]  # (F, C, 4); -1 (empty) maps to the -100 row ...
+    per_cell[obj < 0] = torch.tensor([0, 0, 0, 0])  # ... then to "nothing here"
+    none = torch.full((1, 4), -100, dtype=torch.long)
+    if cfg.architecture == "qwen2_vl":
+        if s.media_kind == "video":  # one token per temporal pair: the later frame
+            return per_cell[1::2].flatten(0, 1)
+        return per_cell[0]
+    if s.media_kind == "video":  # frames x cells, then the closing newline
+        return torch.cat([per_cell.flatten(0, 1), none])
+    rows = torch.arange(g) // 2
+    patch = per_cell[0].view(grid, grid, 4)[rows][:, rows]  # (g, g, 4): a cell per 2 x 2 patches
+    crop = torch.cat([patch, none.expand(g, 1, 4)], 1)  # (g, g + 1, 4)
+    return torch.cat([patch.flatten(0, 1), crop.flatten(0, 1)])  # base grid, crop rows + newline
+
+
 def train_language(model: PreTrainedModel, processor: VLMProcessor,
                    samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
                    sched: StageSchedule, seed: int, desc: str,
-                   progress: bool = True) -> float:
+                   progress: bool = True, aux_weight: float = 0.0) -> float:
     """Stages B/C: train the language model on cached visual tokens; returns the final loss (EMA).
 
     The tower and projector stay frozen (their standardised tokens are what a device uploads),
     so a step costs only the language model. Each step draws one media kind (by its share of
-    `samples`) and a batch of that kind.
+    `samples`) and a batch of that kind. With `aux_weight` > 0 a linear head on the middle
+    layer's hidden states at the visual tokens also learns `token_targets` (discarded after).
     """
     pools: dict[str, list[int]] = {"video": [], "image": []}
     for i, s in enumerate(samples):
@@ -251,11 +324,14 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
     params = [p for k, p in model.named_parameters() if k.startswith(prefixes)]
     for k, p in model.named_parameters():
         p.requires_grad_(k.startswith(prefixes))
-    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=0.01)
+    aux = [token_targets(s, processor) for s in samples] if aux_weight > 0 else []
+    head = nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES))
+    layer = max(1, model.config.text_config.num_hidden_layers // 2)
+    opt = torch.optim.AdamW([*params, *head.parameters()], lr=sched.lr, weight_decay=0.01)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sched))
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    ema = float("nan")
+    ema, aux_txt = float("nan"), ""
     bar = tqdm(range(sched.steps), desc=desc, disable=not progress, leave=False)
     for _ in bar:
         kind = kinds[int(torch.multinomial(weights, 1, generator=gen))]
@@ -270,18 +346,32 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
             t = processor.config.num_frames // 2 if kind == "video" else 1
             text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
         enc = as_encoder_outputs(model, {kind: [tokens[i] for i in pick]})
-        loss = model(**text, mm_encoder_outputs=enc).loss
+        use_aux = bool(aux) and all(aux[i] is not None for i in pick)
+        out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
+        loss = out.loss
+        if use_aux:
+            placeholder = processor.video_id if kind == "video" else processor.image_id
+            h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (B * N, D)
+            parts = _aux_losses(head(h), torch.cat([aux[i] for i in pick]))
+            loss = loss + aux_weight * sum(parts) / len(parts)
+            aux_txt = " aux " + " ".join(f"{p.item():.2f}" for p in parts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lr_sched.step()
         ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        bar.set_postfix_str(f"loss={ema:.3f}{aux_txt}")
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     return ema
+
+
+def _aux_losses(logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """Cross entropy per `AUX_CLASSES` column: logits (M, sum), targets (M, 4)."""
+    parts = logits.split(list(AUX_CLASSES), dim=-1)
+    return [F.cross_entropy(p, targets[:, j], ignore_index=-100) for j, p in enumerate(parts)]
 
 
 def copy_visual(src: PreTrainedModel, dst: PreTrainedModel) -> str:
