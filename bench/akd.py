@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = {"akd": (akd, akd_s), "ce_only": (ce, ce_s)}
     if opts["replay_ratio"] > 0:
         rounds["akd_no_replay"] = _round({**opts, "replay_ratio": 0.0}, uploads)[1:]
+    if args.budget_entries:
+        rounds["akd_budgeted"] = _round(
+            {**opts, "akd": {"delta_entries": args.budget_entries}}, uploads)[1:]
     del akd_trainer, ce_trainer
 
     ev = Evaluator(student_dir, spec)
@@ -291,6 +294,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     default = CODECS.build("dwc", default_codec)
     enc = default.encode(new, v0)
     acc["akd_dwc"] = ev.run(default.decode(enc.payload, v0), sets)
+    budgeted = None
+    if "akd_budgeted" in rounds:
+        # the budgeted round's k-entry delta through DWC at the goal's byte budget
+        # (a tiny test zoo's 2% is below the codec's fixed header: then 128 bytes)
+        opts_b = {"energy_share": 1.0, "bits": 8,
+                  "budget_bytes": max(128, int(DWC_GOAL_SHARE * dense.stats.payload_bytes))}
+        codec = CODECS.build("dwc", opts_b)
+        enc_b = codec.encode(rounds["akd_budgeted"][0].adapter, v0)
+        acc["akd_budgeted_dwc"] = ev.run(codec.decode(enc_b.payload, v0), sets)
+        point = acc["akd_budgeted_dwc"][args.domain]
+        budgeted = {
+            **opts_b, "delta_entries": args.budget_entries,
+            "payload_bytes": enc_b.stats.payload_bytes, "kept": enc_b.stats.kept,
+            "budget_limited": enc_b.stats.budget_limited,
+            "over_dense_fp16": enc_b.stats.payload_bytes / dense.stats.payload_bytes,
+            "acc": point["acc"], "ci95": point["ci95"],
+            "loss_vs_exact": acc["akd"][args.domain]["acc"] - point["acc"],
+            "loss_vs_own_exact": acc["akd_budgeted"][args.domain]["acc"] - point["acc"],
+            "answers_agree_with_exact": _agree(point["answers"],
+                                               acc["akd"][args.domain]["answers"]),
+            "source_acc": acc["akd_budgeted_dwc"]["source"]["acc"],
+        }
 
     timing = step_timing(student_dir, teacher_dir,
                          [DistillSample.from_upload(u) for u in uploads], spec,
@@ -314,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "over_dense_fp16": enc.stats.payload_bytes
                             / dense.stats.payload_bytes,
                             "relative_error": enc.stats.relative_error},
-            "curve": curve,
+            "curve": curve, "budgeted_round": budgeted,
         },
         "timing": timing,
     }
@@ -340,13 +365,17 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     # the round's effect is resolvable when it exceeds the 95% interval of the difference
     resolvable = abs(gain) > math.hypot(exact["ci95"], before["ci95"])
     dl = report["downlink"]
-    ok = [p for p in dl["curve"] if p["over_dense_fp16"] <= DWC_GOAL_SHARE
+    # candidates: every codec point on the dense round's delta, and the budgeted round (its
+    # loss counted against the dense round's exact delta, not its own)
+    points = dl["curve"] + ([dl["budgeted_round"]] if dl.get("budgeted_round") else [])
+    ok = [p for p in points if p["over_dense_fp16"] <= DWC_GOAL_SHARE
           and p["loss_vs_exact"] <= DWC_GOAL_LOSS]
     best = min(ok, key=lambda p: p["payload_bytes"]) if ok else None
     smallest = min(dl["curve"], key=lambda p: p["payload_bytes"]) if dl["curve"] else None
-    within = [{k: p[k] for k in ("bits", "energy_share", "payload_bytes", "over_dense_fp16",
-                                 "loss_vs_exact", "answers_agree_with_exact")}
-              for p in dl["curve"] if p["over_dense_fp16"] <= DWC_GOAL_SHARE]
+    within = [{k: p.get(k) for k in ("bits", "energy_share", "delta_entries", "payload_bytes",
+                                     "over_dense_fp16", "loss_vs_exact",
+                                     "answers_agree_with_exact")}
+              for p in points if p["over_dense_fp16"] <= DWC_GOAL_SHARE]
     # "met" needs the bound to mean something: when the exact delta's own effect is within
     # noise, a payload that keeps almost none of it passes the 0.5 pt bound by chance
     letter = best is not None
@@ -408,6 +437,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if budget:
             ax.scatter([b[0] for b in budget], [b[1] for b in budget], marker="x",
                        label=f"DWC int{bits}, byte budget")
+    if dl.get("budgeted_round"):
+        b = dl["budgeted_round"]
+        ax.scatter([b["payload_bytes"]], [b["acc"]], marker="*", s=120, color="C3",
+                   label=f"budgeted round ({b['delta_entries']} entries) + DWC")
     ax.axhline(acc["akd"][dom]["acc"], color="k", ls="--", lw=1, label="exact delta")
     ax.axhline(acc["before"][dom]["acc"], color="grey", ls=":", lw=1, label="before")
     for x, name in ((dl["dense_fp16_adapter_bytes"], "dense fp16 adapter"),
@@ -429,7 +462,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"bytes vs accuracy ({acc['akd'][dom]['n']} held-out {dom})")
     ax.legend(fontsize=7)
     ax = axes[1]
-    names = [n for n in ("before", "akd", "akd_dwc", "ce_only", "akd_no_replay", "teacher")
+    names = [n for n in ("before", "akd", "akd_dwc", "akd_budgeted", "akd_budgeted_dwc",
+                         "ce_only", "akd_no_replay", "teacher")
              if n in acc]
     doms = list(acc["before"])
     width = 0.8 / len(doms)
@@ -479,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05],
                    help="DWC byte budgets as shares of the dense fp16 adapter payload")
+    p.add_argument("--budget-entries", type=int, default=350,
+                   help="also a budgeted round training only this many adapter entries, "
+                        "sent by DWC at 2%% of the dense payload (0: skip)")
     p.add_argument("--timing-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="reports/akd")

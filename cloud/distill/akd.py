@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from peft import get_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from tqdm import tqdm
 
-from cloud.distill import losses
+from cloud.distill import losses, sparse_delta
 from cloud.distill.base import DataParallel, DistillResult, DistillSample, TeacherLabel
 from cloud.distill.prompt import PackedBatch, PromptFormatter, pack
 from shared.errors import ConfigError
@@ -58,12 +58,19 @@ class AKDConfig:
     """Teacher answer length cap when labelling."""
     prefer_reference: bool = True
     """Label with the sample's reference answer when it has one (teacher-forced)."""
+    delta_entries: int | None = None
+    """Budgeted round: train only this many adapter entries, chosen by gradient saliency at
+    the round's base (`cloud.distill.sparse_delta`); None trains every LoRA entry."""
+    saliency_batches: int = 8
+    """Batches whose summed |gradient| ranks the entries of a budgeted round."""
     seed: int = 0
     progress: bool = False
     """Show a tqdm bar."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_new_tokens"):
+        if self.delta_entries is not None and self.delta_entries < 1:
+            raise ConfigError(f"`delta_entries` must be >= 1 or None, got {self.delta_entries}")
+        for name in ("steps", "batch_size", "max_new_tokens", "saliency_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "projection_lr", "temperature", "max_grad_norm"):
@@ -187,6 +194,7 @@ class AdapterDistiller:
         replay_labels: Sequence[TeacherLabel] | None = None, start_step: int = 0,
         on_step: Callable[[int, Mapping[str, float]], None] | None = None,
         parallel: DataParallel | None = None,
+        base: Mapping[str, torch.Tensor] | None = None,
     ) -> DistillResult:
         """Train the student's LoRA weights on `samples` (+ replay) and return them.
 
@@ -205,6 +213,9 @@ class AdapterDistiller:
                 draws the same global batch and trains on its strided share; the loss is
                 normalised by the global token counts, so after the gradient average the update
                 equals the single-process one on the whole batch.
+            base: the round's starting adapter (peft state-dict keys) when the student holds a
+                restored checkpoint; a budgeted round (`delta_entries`) ranks and projects
+                against it. None: the student's weights at the call are the base.
         """
         cfg = self.config
         par = parallel if parallel is not None else SingleProcess()
@@ -233,6 +244,11 @@ class AdapterDistiller:
         model = par.wrap(objective)
         was_training = student.training
         objective.train()
+        sparse = None
+        if cfg.delta_entries is not None:
+            sparse = self._budget(model, student, params, base, samples, labels, par,
+                                  cfg.delta_entries)
+            optimizer.zero_grad(set_to_none=True)
         start = time.monotonic()
         try:
             for step in tqdm(range(cfg.steps), disable=not cfg.progress or par.rank > 0,
@@ -251,6 +267,8 @@ class AdapterDistiller:
                 loss.backward()  # DDP averages the gradients across ranks here
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
+                if sparse is not None:
+                    sparse_delta.project_(params, *sparse)
                 parts_t = par.all_sum(parts_t.detach())  # (4,) global batch means
                 parts = dict(zip(PARTS, (float(v) for v in parts_t), strict=True))
                 history.append(parts)
@@ -267,6 +285,41 @@ class AdapterDistiller:
         log.info("akd round done: %d steps in %.1f s, loss %.4f -> %.4f", cfg.steps, wall_s,
                  metrics["loss_first"], metrics["loss_last"])
         return DistillResult(adapter=adapter, metrics=metrics, history=tuple(history))
+
+    def _budget(
+        self, model: nn.Module, student: nn.Module, params: list[nn.Parameter],
+        base: Mapping[str, torch.Tensor] | None, samples: Sequence[DistillSample],
+        labels: Sequence[TeacherLabel], par: DataParallel, k: int,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(masks, base values) of a budgeted round: saliency at the base adapter.
+
+        The batches come from their own generator, so a resumed round (student restored, `base`
+        given) ranks the same entries as the uninterrupted one.
+        """
+        cfg = self.config
+        current = [p.detach().clone() for p in params]
+        if base is not None:
+            set_peft_model_state_dict(student, dict(base))
+        bases = [p.detach().clone() for p in params]
+        saliency = [torch.zeros_like(p) for p in params]
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        share = slice(par.rank, None, par.world_size)
+        for _ in range(cfg.saliency_batches):
+            pick = torch.randint(len(samples), (cfg.batch_size,), generator=gen).tolist()
+            batch, batch_labels = [samples[i] for i in pick], [labels[i] for i in pick]
+            loss, _ = model(batch[share], batch_labels[share],
+                            _fractions(cfg, batch, batch_labels, share), float(par.world_size))
+            for p in params:
+                p.grad = None
+            loss.backward()  # DDP averages: every rank ranks the same gradients
+            for acc, p in zip(saliency, params, strict=True):
+                if p.grad is not None:
+                    acc += p.grad.abs()
+        masks = sparse_delta.top_entries(saliency, k)
+        with torch.no_grad():
+            for p, c in zip(params, current, strict=True):
+                p.copy_(c)
+        return masks, bases
 
     def _labels(
         self, teacher: nn.Module | None, samples: Sequence[DistillSample],

@@ -187,7 +187,7 @@ class AkdTrainer:
         result = AdapterDistiller(self._spec.akd_config()).fit(
             self._student, None, distill, formatter=self._formatter, labels=labels,
             replay=self._replay, replay_labels=replay_labels, start_step=start,
-            on_step=on_step)
+            on_step=on_step, base=adapter)
         ctx.checkpoint(steps, result.adapter)
         metrics = {**result.metrics, "start_step": float(start),
                    "label_hit_rate": hits / (len(distill) + len(self._replay))}

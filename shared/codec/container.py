@@ -10,7 +10,9 @@ Payload layout (all integers little-endian):
 Body layout:
 
     offset 0   4 bytes   u32 length H of the header
-    offset 4   H bytes   UTF-8 JSON object: {"codec": str, ...codec fields, "tensors": [...]}
+    offset 4   H bytes   UTF-8 JSON object: {"codec": str, ...codec fields, and the tensors
+                         as "tensors": [{name, shape, ...}] or, compact, "base": layout digest
+                         + "t": [[position in sorted(base), ...]]}
     offset 4+H ...       the codec's raw sections, concatenated in the order the header implies;
                          the codec computes every section length from the header and the base,
                          and the sum must equal the body length exactly.
@@ -144,6 +146,48 @@ def tensor_entries(
         if shape != expected:
             raise WireFormatError(f"{where}.shape: got {shape[:8]}, expected {expected}")
         out.append((entry, name))
+    return out
+
+
+def layout_digest(shapes: Mapping[str, Any]) -> str:
+    """16 hex digits naming a tensor layout: sorted names and shapes (`shapes`: name -> shape).
+
+    Codecs that address tensors by their position in `sorted(base)` put it in the header, so a
+    payload encoded against another adapter layout is refused instead of misapplied.
+    """
+    import hashlib
+
+    text = json.dumps([[k, list(shapes[k])] for k in sorted(shapes)], separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def indexed_entries(
+    header: Mapping[str, Any], codec: str, base: Mapping[str, torch.Tensor], width: int,
+) -> list[tuple[list[int], str]]:
+    """Check a compact tensor table: header["t"] rows [id, ...] of `width` ints, `id` the
+    position in `sorted(base)`, ids strictly increasing; header["base"] the layout digest."""
+    got = field(header, "codec", str, "header")
+    if got != codec:
+        raise WireFormatError(f"header.codec: got {got[:40]!r}, expected {codec!r}")
+    digest, want = field(header, "base", str, "header"), layout_digest(
+        {k: v.shape for k, v in base.items()})
+    if digest != want:
+        raise WireFormatError(f"header.base: got {digest[:20]!r}, expected {want!r} "
+                              "(encoded against another tensor layout)")
+    rows = field(header, "t", list, "header")
+    names = sorted(base)
+    if len(rows) > len(names):
+        raise WireFormatError(f"header.t: {len(rows)} rows, expected <= {len(names)}")
+    out, last = [], -1
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == width
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in row)):
+            raise WireFormatError(f"header.t[{i}]: expected a list of {width} integers")
+        if not last < row[0] < len(names):
+            raise WireFormatError(f"header.t[{i}][0]: tensor id {row[0]}, expected "
+                                  f"{last + 1}..{len(names) - 1} (ascending, no repeats)")
+        last = row[0]
+        out.append((row, names[row[0]]))
     return out
 
 

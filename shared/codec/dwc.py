@@ -8,7 +8,8 @@ LEB128 gap varints, whichever is smaller per tensor; the whole body is zstd-comp
 sent (dropped entries and quantization error) is returned as the residual for error feedback.
 
 Body sections per header tensor, in header order: index bytes, scales (float32 LE, one per block),
-values (int8, or int4 nibbles value + 8, two per byte, low nibble first).
+values (int8, or int4 nibbles value + 8, two per byte, low nibble first). The header names
+tensors by position in sorted(base) under the base's layout digest (`container.indexed_entries`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -111,23 +111,28 @@ class DynamicDeltaCodec:
         block = container.int_field(header, "block", "header", 1, 65536)
         reader = container.SectionReader(sections)
         out: StateDict = {}
-        for i, (entry, name) in enumerate(container.tensor_entries(header, self.name, base)):
-            where = f"header.tensors[{i}]"
+        for i, (row, name) in enumerate(container.indexed_entries(header, self.name, base, 4)):
+            where = f"header.t[{i}] ({name})"
             b = base[name]
             numel = b.numel()
-            count = container.int_field(entry, "count", where, 0, numel)
-            mode = container.field(entry, "index", str, where)
-            if mode not in _INDEX_MODES:
-                raise WireFormatError(f"{where}.index: got {mode[:20]!r}, expected {_INDEX_MODES}")
-            index_bytes = container.int_field(entry, "index_bytes", where, 0, 5 * numel)
+            _, count, mode_id, index_bytes = row
+            if not 0 <= count <= numel:
+                raise WireFormatError(f"{where} count: got {count}, expected 0..{numel}")
+            if not 0 <= mode_id < len(_INDEX_MODES):
+                raise WireFormatError(f"{where} index mode: got {mode_id}, expected "
+                                      f"0..{len(_INDEX_MODES) - 1} {_INDEX_MODES}")
+            mode = _INDEX_MODES[mode_id]
+            if not 0 <= index_bytes <= 5 * numel:
+                raise WireFormatError(f"{where} index bytes: got {index_bytes}, "
+                                      f"expected 0..{5 * numel}")
             expected = {"all": 0, "bitmap": (numel + 7) // 8}.get(mode)
             if expected is not None and index_bytes != expected:
                 raise WireFormatError(
-                    f"{where}.index_bytes: got {index_bytes}, expected {expected}"
+                    f"{where} index bytes: got {index_bytes}, expected {expected}"
                 )
             if mode == "all" and count != numel:
                 raise WireFormatError(
-                    f"{where}.count: got {count}, expected {numel} for index 'all'"
+                    f"{where} count: got {count}, expected {numel} for index 'all'"
                 )
             raw_idx = reader.take(index_bytes, f"{where} indices")
             n_blocks = -(-count // block)
@@ -176,7 +181,9 @@ class DynamicDeltaCodec:
             order = torch.argsort(e, descending=True, stable=True)  # (numel,)
             cum = torch.cumsum(e[order], 0)  # (numel,)
             target = torch.tensor([self.config.energy_share * total], dtype=torch.float64)
-            k = min(int(torch.searchsorted(cum, target)) + 1, d.numel())
+            # never past the non-zero entries: at energy_share 1.0, rounding in the cumulative
+            # sum can leave it below `total` and pull in zeros that carry nothing
+            k = min(int(torch.searchsorted(cum, target)) + 1, int((e > 0).sum()))
             ts.append(torch.full((k,), t, dtype=torch.int64))
             idxs.append(order[:k])
             energies.append(e[order[:k]])
@@ -216,7 +223,11 @@ class DynamicDeltaCodec:
         counts = torch.bincount(sel_t, minlength=len(names)).tolist()
         order = torch.argsort(sel_t * (1 << 32) + sel_i)  # group by tensor, indices ascending
         grouped = torch.split(sel_i[order], counts)
-        entries: list[dict[str, Any]] = []
+        # a few hundred kept entries spread over every LoRA tensor: names and shapes in the
+        # header cost more than the values, so tensors are rows [id in sorted(base), count,
+        # index mode, index bytes] under the layout digest
+        ids = {n: i for i, n in enumerate(sorted(names))}
+        rows: list[list[int]] = []
         sections: list[bytes] = []
         kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, idx in zip(names, grouped, strict=True):
@@ -234,10 +245,10 @@ class DynamicDeltaCodec:
                 mode, index = "varint", packing.varint_gaps_encode(idx_np)
             values = q.tobytes() if cfg.bits == 8 else packing.int4_pack(q)
             sections += [index, scales.astype("<f4").tobytes(), values]
-            entries.append({"name": name, "shape": shapes[name], "count":
-                            int(idx.numel()), "index": mode, "index_bytes": len(index)})
+            rows.append([ids[name], int(idx.numel()), _INDEX_MODES.index(mode), len(index)])
             kept[name] = (idx, dq)
-        header = {"codec": self.name, "bits": cfg.bits, "block": cfg.block_size, "tensors": entries}
+        header = {"codec": self.name, "bits": cfg.bits, "block": cfg.block_size,
+                  "base": container.layout_digest(shapes), "t": rows}
         return _Build(container.pack(header, sections, cfg.zstd_level), kept)
 
     def _stats(

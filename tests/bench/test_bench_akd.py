@@ -19,13 +19,13 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     rc = akd.main(["--zoo-dir", str(zoo.root), "--uploads", "6", "--eval-n", "6",
                    "--steps", "2", "--batch-size", "4", "--shares", "0.5", "0.99",
                    "--bits", "8", "4", "--budgets", "0.05", "--timing-repeats", "2",
-                   "--out", str(tmp_path / "out")])
+                   "--budget-entries", "30", "--out", str(tmp_path / "out")])
     assert rc == 0
     report = json.loads((tmp_path / "out" / "akd.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
     assert (tmp_path / "out" / "akd.png").stat().st_size > 1000
     assert set(report["accuracy"]) == {"before", "akd", "ce_only", "akd_no_replay", "teacher",
-                                       "akd_dwc"}
+                                       "akd_dwc", "akd_budgeted", "akd_budgeted_dwc"}
     assert set(report["accuracy"]["akd"]) == {"low_light", "source"}
     assert report["rounds"]["akd"]["replay_per_batch"] == 1.0  # round(4 * 0.25)
     assert report["rounds"]["akd_no_replay"]["replay_per_batch"] == 0.0
@@ -35,6 +35,9 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     budgeted = [p for p in dl["curve"] if "budget_bytes" in p]
     assert len(budgeted) == 2
     assert all(p["payload_bytes"] <= p["budget_bytes"] for p in budgeted)
+    b = dl["budgeted_round"]
+    assert b["delta_entries"] == 30 and 0 < b["kept"] <= 30
+    assert b["payload_bytes"] <= b["budget_bytes"]
     assert dl["dense_fp16_adapter_raw_bytes"] == 2 * dl["adapter_params"]
     assert dl["student_fp16_bytes"] > dl["dense_fp16_adapter_bytes"]
     t = report["timing"]
@@ -74,3 +77,10 @@ def test_goals_arithmetic() -> None:
     dwc = akd.goals(weak)["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]
     assert (dwc["met"], dwc["met_by_letter"], dwc["status"]) == (False, True, "not shown")
     assert g["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"]["met"] is True
+    # the budgeted round counts, with its loss against the dense round's exact delta
+    rep = _report([(0.05, 0.0)], 1.2)
+    rep["downlink"]["budgeted_round"] = {"bits": 8, "energy_share": 1.0, "delta_entries": 300,
+                                         "payload_bytes": 19, "over_dense_fp16": 0.019,
+                                         "loss_vs_exact": 0.003, "answers_agree_with_exact": 0.8}
+    dwc = akd.goals(rep)["dwc_le_2pct_of_dense_fp16_with_le_0p5pt_loss"]
+    assert dwc["status"] == "pass" and dwc["best_point"]["delta_entries"] == 300

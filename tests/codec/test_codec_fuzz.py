@@ -80,54 +80,48 @@ def _dwc_payload(header: dict, sections: list[bytes]) -> bytes:
     return container.pack(header, sections, zstd_level=3)
 
 
-def _entry(**over) -> dict:
-    entry = {"name": "norm.weight", "shape": [5], "count": 2, "index": "varint", "index_bytes": 2}
-    entry.update(over)
-    return entry
+DIGEST = container.layout_digest({k: v.shape for k, v in BASE.items()})
+_NORM = sorted(BASE).index("norm.weight")
+
+
+def _head(rows: object = None, **over) -> dict:
+    """A DWC header with rows [tensor id, count, index mode (0 all, 1 bitmap, 2 varint),
+    index bytes]; default: 2 varint-indexed entries of norm.weight."""
+    header = {"codec": "dwc", "bits": 8, "block": 64, "base": DIGEST,
+              "t": [[_NORM, 2, 2, 2]] if rows is None else rows}
+    header.update(over)
+    return header
 
 
 GOOD_SECTIONS = [bytes([1, 0]), struct.pack("<f", 0.1), bytes([5, 251])]  # indices 1, 2
 
 
 @pytest.mark.parametrize(("header", "sections", "match"), [
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]}, GOOD_SECTIONS, None),
-    ({"codec": "dense-fp16", "bits": 8, "block": 64, "tensors": []}, [], "header.codec"),
-    ({"codec": "dwc", "bits": 3, "block": 64, "tensors": []}, [], "header.bits"),
-    ({"codec": "dwc", "bits": True, "block": 64, "tensors": []}, [], "header.bits"),
-    ({"codec": "dwc", "bits": 8, "block": 0, "tensors": []}, [], "header.block"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": {}}, [], "header.tensors"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(name="nope")]}, GOOD_SECTIONS,
-     "not a tensor"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(), _entry()]}, GOOD_SECTIONS * 2,
-     "twice"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(shape=[6])]}, GOOD_SECTIONS,
-     "shape"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(count=6)]}, GOOD_SECTIONS,
-     "count"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(index="rle")]}, GOOD_SECTIONS,
-     "index"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry(index="bitmap")]},
-     GOOD_SECTIONS, "index_bytes"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [bytes([4, 0]), *GOOD_SECTIONS[1:]], "out of range"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [bytes([0x81, 0]), *GOOD_SECTIONS[1:]], "index varints"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [GOOD_SECTIONS[0], struct.pack("<f", -1.0), GOOD_SECTIONS[2]], "scales"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [GOOD_SECTIONS[0], struct.pack("<f", float("nan")), GOOD_SECTIONS[2]], "scales"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [GOOD_SECTIONS[0], struct.pack("<f", 3e38), GOOD_SECTIONS[2]], "not finite"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]},
-     [*GOOD_SECTIONS[:2], bytes([5, 128])], "-128"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]}, [*GOOD_SECTIONS, b"x"],
-     "trailing"),
-    ({"codec": "dwc", "bits": 8, "block": 64, "tensors": [_entry()]}, GOOD_SECTIONS[:2],
-     "values"),
-    ({"codec": "dwc", "bits": 4, "block": 64, "tensors": [_entry()]},
-     [*GOOD_SECTIONS[:2], bytes([0x08])], "int4 value -8"),
-    ({"codec": "dwc", "bits": 4, "block": 64, "tensors": [_entry(count=1, index_bytes=1)]},
-     [bytes([1]), GOOD_SECTIONS[1], bytes([0x99])], "padding"),
+    (_head(), GOOD_SECTIONS, None),
+    (_head([], codec="dense-fp16"), [], "header.codec"),
+    (_head([], bits=3), [], "header.bits"),
+    (_head([], bits=True), [], "header.bits"),
+    (_head([], block=0), [], "header.block"),
+    (_head({}), [], "header.t"),
+    (_head([], base="0" * 16), [], "header.base"),
+    (_head([[3, 2, 2, 2]]), GOOD_SECTIONS, "tensor id"),
+    (_head([[_NORM, 2, 2, 2]] * 2), GOOD_SECTIONS * 2, "tensor id"),
+    (_head([[_NORM, 2, 2]]), GOOD_SECTIONS, "4 integers"),
+    (_head([[_NORM, 2, 2, True]]), GOOD_SECTIONS, "4 integers"),
+    (_head([[_NORM, 6, 2, 2]]), GOOD_SECTIONS, "count"),
+    (_head([[_NORM, 2, 5, 2]]), GOOD_SECTIONS, "index mode"),
+    (_head([[_NORM, 2, 1, 2]]), GOOD_SECTIONS, "index bytes"),
+    (_head(), [bytes([4, 0]), *GOOD_SECTIONS[1:]], "out of range"),
+    (_head(), [bytes([0x81, 0]), *GOOD_SECTIONS[1:]], "index varints"),
+    (_head(), [GOOD_SECTIONS[0], struct.pack("<f", -1.0), GOOD_SECTIONS[2]], "scales"),
+    (_head(), [GOOD_SECTIONS[0], struct.pack("<f", float("nan")), GOOD_SECTIONS[2]], "scales"),
+    (_head(), [GOOD_SECTIONS[0], struct.pack("<f", 3e38), GOOD_SECTIONS[2]], "not finite"),
+    (_head(), [*GOOD_SECTIONS[:2], bytes([5, 128])], "-128"),
+    (_head(), [*GOOD_SECTIONS, b"x"], "trailing"),
+    (_head(), GOOD_SECTIONS[:2], "values"),
+    (_head(bits=4), [*GOOD_SECTIONS[:2], bytes([0x08])], "int4 value -8"),
+    (_head([[_NORM, 1, 2, 1]], bits=4), [bytes([1]), GOOD_SECTIONS[1], bytes([0x99])],
+     "padding"),
 ])
 def test_crafted_headers(header, sections, match) -> None:
     payload = _dwc_payload(header, sections)

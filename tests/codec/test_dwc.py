@@ -196,3 +196,17 @@ def test_mismatched_state_dicts_are_rejected() -> None:
         codec.encode({"w": torch.tensor([0.0, float("nan"), 0.0])}, a)
     with pytest.raises(IncompatibleUpdateError, match="residual"):
         codec.encode(a, a, residual={"x": torch.zeros(3)})
+
+
+def test_full_energy_share_keeps_only_nonzero_entries() -> None:
+    """energy_share 1.0 on a sparse delta sends exactly its non-zero entries, however the
+    cumulative energy rounds."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"t{i}": torch.randn(64, 48, generator=g) for i in range(6)}
+    new = {k: v.clone() for k, v in base.items()}
+    for i, k in enumerate(new):
+        flat = new[k].view(-1)
+        flat[torch.randperm(flat.numel(), generator=g)[:50 + i]] += 0.01 * torch.randn(
+            50 + i, generator=g)
+    enc = CODECS.build("dwc", {"energy_share": 1.0}).encode(new, base)
+    assert enc.stats.kept == sum(50 + i for i in range(6))
