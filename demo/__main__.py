@@ -42,6 +42,23 @@ def gap_goals(rows: list[dict[str, Any]], refs: dict[str, dict[str, float]]
     return out
 
 
+def link_goals(rows: list[dict[str, Any]], raw_sample_bytes: int, adapter_fp16_bytes: int
+               ) -> list[dict[str, Any]]:
+    """Per device over the run: uplink bytes against the raw frames of the samples seen (goal
+    <= 1%) and the largest round's downlink against the full adapter in fp16 (goal <= 2%)."""
+    out = []
+    for device, domain, _ in DEVICES:
+        mine = [r for r in rows if r["device"] == device and r["round"] > 0]
+        raw = max((r["samples_seen"] for r in mine), default=0) * raw_sample_bytes
+        up = sum(r["uplink_bytes"] for r in mine) / raw if raw else 0.0
+        down = max((r["downlink_bytes"] for r in mine), default=0) / adapter_fp16_bytes
+        out.append({"device": device, "domain": domain, "uplink_share_of_raw": up,
+                    "max_downlink_share_of_adapter_fp16": down,
+                    "adapter_fp16_bytes": adapter_fp16_bytes,
+                    "met": up <= 0.01 and down <= 0.02})
+    return out
+
+
 def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
         ablations: Sequence[str] = ()) -> dict[str, Any]:
     """The whole demo (plus the `ablations` variants, if any); returns (and writes) the result."""
@@ -65,11 +82,18 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
         acc = refs["student"] if snap is None else ev.adapter(snap)
         row["acc_shifted"], row["acc_source"] = acc[row["domain"]], acc["source"]
     goals = gap_goals(rows, refs)
+    from demo.ablations import full_adapter_bytes
+
+    adapter_fp16 = max((full_adapter_bytes(p) for p in main.snapshots.values() if p), default=0)
+    links = link_goals(rows, main.raw_sample_bytes, adapter_fp16) if adapter_fp16 else []
     notes = [
         *(f"{g['device']} ({g['domain']}): closed {g['gap_closed']:.0%} of the student-teacher "
           f"gap after round {g['round']} (goal >= 80%), source {g['source_change_pt']:+.1f} pt "
           f"(goal >= -2 pt); one held-out sample is {100 / cfg.eval_samples:.1f} pt."
           for g in goals),
+        *(f"{g['device']}: uplink {g['uplink_share_of_raw']:.2%} of the raw frames seen "
+          f"(goal <= 1%), largest downlink round {g['max_downlink_share_of_adapter_fp16']:.2%} "
+          f"of the {g['adapter_fp16_bytes']:,}-byte fp16 adapter (goal <= 2%)." for g in links),
         "Accuracy is measured on the uncompressed student carrying each stored adapter; the "
         "device itself serves with VidCom2 token compression.",
         "Downlink bytes are the DWC payload sizes the devices logged when applying, rolling "
@@ -88,6 +112,7 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
         "references": refs,
         "rows": rows,
         "goals": goals,
+        "link_goals": links,
         "update_events": {d.device_id: d.update_events for d in devices},
         "notes": notes,
     }
