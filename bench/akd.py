@@ -25,7 +25,7 @@ shown" (met false, met_by_letter true) when it holds only because the exact delt
 is within noise.
 
 Usage:
-    python -m bench.akd --out reports/akd                  # zoo/default; ~3-5 min, 1 thread
+    python -m bench.akd --steps 200 --out reports/akd      # zoo/default; ~3-5 min, 1 thread
     python -m bench.akd --zoo-dir /path/to/zoo --eval-n 300
 """
 
@@ -250,8 +250,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if opts["replay_ratio"] > 0:
         rounds["akd_no_replay"] = _round({**opts, "replay_ratio": 0.0}, uploads)[1:]
     if args.budget_entries:
+        # a few hundred entries need a larger step than the dense round's lr to move as far
         rounds["akd_budgeted"] = _round(
-            {**opts, "akd": {"delta_entries": args.budget_entries}}, uploads)[1:]
+            {**opts, "lr": args.budget_lr, "akd": {"delta_entries": args.budget_entries}},
+            uploads)[1:]
     del akd_trainer, ce_trainer
 
     ev = Evaluator(student_dir, spec)
@@ -305,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         acc["akd_budgeted_dwc"] = ev.run(codec.decode(enc_b.payload, v0), sets)
         point = acc["akd_budgeted_dwc"][args.domain]
         budgeted = {
-            **opts_b, "delta_entries": args.budget_entries,
+            **opts_b, "delta_entries": args.budget_entries, "lr": args.budget_lr,
             "payload_bytes": enc_b.stats.payload_bytes, "kept": enc_b.stats.kept,
             "budget_limited": enc_b.stats.budget_limited,
             "over_dense_fp16": enc_b.stats.payload_bytes / dense.stats.payload_bytes,
@@ -516,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-entries", type=int, default=350,
                    help="also a budgeted round training only this many adapter entries, "
                         "sent by DWC at 2%% of the dense payload (0: skip)")
+    p.add_argument("--budget-lr", type=float, default=3e-2,
+                   help="learning rate of the budgeted round")
     p.add_argument("--timing-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="reports/akd")

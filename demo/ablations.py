@@ -70,7 +70,7 @@ def variant(name: str, cfg: DemoConfig, done: dict[str, dict[str, Any]]) -> Vari
     if name == "ce-only":
         return Variant(name, trainer=AKD_CE_ONLY)
     if name == "dense-fp16":
-        return Variant(name, worker={"codec": "dense-fp16"})
+        return Variant(name, worker={"codec": "dense-fp16", "codec_options": {}})
     raise ValueError(f"ablation variant {name!r}: expected one of {NAMES}")
 
 

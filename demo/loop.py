@@ -32,7 +32,19 @@ class DemoConfig:
     calibration_samples: int = 16
     probe_samples: int = 48
     trainer: str = "akd"
-    trainer_steps: int = 30
+    trainer_steps: int = 100
+    trainer_lr: float = 3e-2
+    rollback_margin: float = 0.0
+    """Devices roll back an update whose probe accuracy is below the previous version's by more
+    than this: 0 keeps only updates that do not lower it (pseudo-labels from a few uploaded
+    tokens are often wrong, and a wrong round should not reach the next one)."""
+    round_threshold: int = 24
+    round_schedule_s: float = 15.0
+    delta_entries: int | None = 350
+    """Budgeted AKD rounds: the adapter entries a round may change (None: all)."""
+    downlink_budget_bytes: int | None = 974
+    """DWC byte budget per update: 2% of the zoo student's dense fp16 adapter payload
+    (48,719 bytes, `bench.akd`); None: the daemon's default energy-share codec."""
     zoo: str = "default"
     batch_size: int = 4
 
@@ -44,7 +56,10 @@ class DemoConfig:
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
         return cls(**{"rounds": 1, "samples_per_round": 12, "eval_samples": 12,
-                      "calibration_samples": 8, "probe_samples": 8, "trainer_steps": 8, **kw})
+                      "calibration_samples": 8, "probe_samples": 8, "trainer_steps": 8,
+                      "trainer_lr": 1e-3, "delta_entries": None, "downlink_budget_bytes": None,
+                      "round_threshold": 100_000, "round_schedule_s": 1.0,
+                      "rollback_margin": 0.05, **kw})
 
 
 @dataclass(frozen=True)
@@ -83,10 +98,27 @@ def trainer_options(cfg: DemoConfig, teacher: Path, student: Path, data: Path
                     ) -> dict[str, Any]:
     """The cloud worker's `trainer_options` for the trainer the demo asks for."""
     if cfg.trainer == "akd":
+        budget = {} if cfg.delta_entries is None else {"delta_entries": cfg.delta_entries}
         return {"student_dir": str(student), "teacher_dir": str(teacher),
                 "label_cache_dir": str(data / "labels"), "work_dir": str(data / "jobs"),
-                "steps": cfg.trainer_steps, "batch_size": cfg.batch_size}
+                "steps": cfg.trainer_steps, "lr": cfg.trainer_lr, "batch_size": cfg.batch_size,
+                "akd": budget}
     return {}
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `over`, nested dicts merged (a variant's {"akd": {...}} adds keys)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def codec_options(cfg: DemoConfig) -> dict[str, Any]:
+    """DWC options of the demo's cloud: the whole (budgeted) delta, within the byte budget."""
+    if cfg.downlink_budget_bytes is None:
+        return {}
+    return {"energy_share": 1.0, "budget_bytes": cfg.downlink_budget_bytes}
 
 
 def _progress(devices: list[Device], procs: dict[str, Any], limits: dict[str, int],
@@ -169,10 +201,13 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
         "tls": {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
                 "client_ca_file": str(certs["ca"])},
         "worker": {"trainer": cfg.trainer,
-                   "trainer_options": {**trainer_options(cfg, zoo.teacher, zoo.student,
-                                                         cloud_data), **variant.trainer},
-                   "threshold_samples": 100_000, "schedule_s": 1.0, "min_samples": 1,
-                   **variant.worker},
+                   "trainer_options": _merged(trainer_options(cfg, zoo.teacher, zoo.student,
+                                                              cloud_data), variant.trainer),
+                   # a round distils what a device uploaded since the last one: at 24 pending,
+                   # or whatever is pending every 15 s (a handful of samples overfits)
+                   "threshold_samples": cfg.round_threshold, "schedule_s": cfg.round_schedule_s,
+                   "min_samples": 1,
+                   "codec_options": codec_options(cfg), **variant.worker},
     })
     log.info("[%s] cloud-server up on 127.0.0.1:%d (mutual TLS, trainer %s)", variant.name,
              cloud.port, cfg.trainer)
@@ -193,7 +228,8 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
                 "input": {"domains": [domain], "seed": seed},
                 "uplink": {"calibration_samples": cfg.calibration_samples,
                            "retry_base_s": 0.2, "drain_timeout_s": 60.0},
-                "updates": {"poll_interval_s": 0.5, "probe_samples": cfg.probe_samples},
+                "updates": {"poll_interval_s": 0.5, "probe_samples": cfg.probe_samples,
+                            "rollback_margin": cfg.rollback_margin},
                 **variant.device,
             })
             d.command("register", d.config())
