@@ -3,7 +3,7 @@ student to two shifted camera domains over several rounds, then report accuracy 
 
 The processes are the real console scripts talking gRPC; this package only orchestrates them,
 reads what they write (status.json, adapter files, JSON logs) and evaluates the stored adapters
-with `shared.models`. It never imports `cloud` or `device`.
+with `shared.models` (all tokens) and with `device.runtime` (as served). It never imports `cloud`.
 """
 
 from __future__ import annotations
@@ -71,16 +71,19 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
     size, frames = main.image_size, main.num_frames
     stream_s = time.monotonic() - t0
 
-    from demo.evaluation import Evaluator, eval_sets
+    from demo.evaluation import Evaluator, ServedEvaluator, eval_sets
 
     domains = ["source", *[dom for _, dom, _ in DEVICES]]
     ev = Evaluator(zoo.teacher, zoo.student,
                    eval_sets(domains, cfg.eval_samples, EVAL_SEED, size, frames))
     refs = {"teacher": ev.teacher(), "student": ev.student()}
+    served = ServedEvaluator(zoo.student, ev.sets)
     for row in rows:
         snap = main.snapshots[(row["device"], row["round"])]
         acc = refs["student"] if snap is None else ev.adapter(snap)
         row["acc_shifted"], row["acc_source"] = acc[row["domain"]], acc["source"]
+        acc = served.adapter(snap)
+        row["served_shifted"], row["served_source"] = acc[row["domain"]], acc["source"]
     goals = gap_goals(rows, refs)
     from demo.ablations import full_adapter_bytes
 
@@ -94,8 +97,9 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
         *(f"{g['device']}: uplink {g['uplink_share_of_raw']:.2%} of the raw frames seen "
           f"(goal <= 1%), largest downlink round {g['max_downlink_share_of_adapter_fp16']:.2%} "
           f"of the {g['adapter_fp16_bytes']:,}-byte fp16 adapter (goal <= 2%)." for g in links),
-        "Accuracy is measured on the uncompressed student carrying each stored adapter; the "
-        "device itself serves with VidCom2 token compression.",
+        "acc_* columns: the uncompressed student carrying each stored adapter (all visual "
+        "tokens); served_* columns: the same adapter as a device serves it (device runtime, "
+        "VidCom2 keeping 25% of the visual tokens).",
         "Downlink bytes are the DWC payload sizes the devices logged when applying, rolling "
         "back or rejecting an update; uplink bytes are the outbox's uploaded payload bytes.",
     ]

@@ -2,8 +2,10 @@
 
 The adapters are peft LoRA state dicts (`<data_dir>/adapters/v<version>.safetensors`, see the
 device's adapter store); they are loaded here onto a fresh copy of the student with the same
-LoRA shape the device uses. Evaluation runs the uncompressed student (all visual tokens) with
-`shared.models.evaluate`, so it measures the adapter, not the device's token compression.
+LoRA shape the device uses. `Evaluator` runs the uncompressed student (all visual tokens) with
+`shared.models.evaluate`, so it measures the adapter, not the device's token compression;
+`ServedEvaluator` runs what a device serves: the device runtime's student with its default token
+compressor (VidCom2, 25% kept), the only place the demo imports `device`.
 """
 
 from __future__ import annotations
@@ -75,3 +77,48 @@ class Evaluator:
             with torch.no_grad():
                 self._cache[digest] = self._score(self._student)
         return self._cache[digest]
+
+
+class ServedEvaluator:
+    """Accuracy of what a device serves: `device.runtime` with the device's default compressor
+    (the demo's devices set none), answers compared by exact match; cached by adapter content."""
+
+    def __init__(self, student_dir: Path, sets: dict[str, list[P.QASample]],
+                 batch_size: int = 16) -> None:
+        from device.compress import COMPRESSORS
+        from device.runtime.inference import DeviceInference
+        from device.runtime.loader import StudentConfig, load_student
+        from device.settings import DeviceSettings
+
+        defaults = DeviceSettings.model_fields
+        self._student = load_student(StudentConfig(student_dir))
+        self._inference = DeviceInference(self._student, COMPRESSORS.build(
+            defaults["compressor"].default, dict(defaults["compressor_options"].default)))
+        self.sets, self.batch_size = sets, batch_size
+        self._base = {k: v.clone() for k, v in
+                      get_peft_model_state_dict(self._student.model).items()}
+        self._cache: dict[str, dict[str, float]] = {}
+
+    def _score(self) -> dict[str, float]:
+        out = {}
+        for domain, items in self.sets.items():
+            hits = 0
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start:start + self.batch_size]
+                res = self._inference.run([s.frames for s in chunk], [s.question for s in chunk],
+                                          [s.sample_id for s in chunk])
+                hits += sum(r.answer.strip().lower() == s.answer.strip().lower()
+                            for r, s in zip(res, chunk, strict=True))
+            out[domain] = hits / len(items)
+        return out
+
+    def adapter(self, path: Path | None) -> dict[str, float]:
+        """Served accuracy per eval domain with the adapter in `path` (None: version 0)."""
+        from device.runtime.loader import load_adapter_state
+
+        key = "v0" if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+        if key not in self._cache:
+            load_adapter_state(self._student.model, self._base if path is None
+                               else load_file(str(path)))
+            self._cache[key] = self._score()
+        return self._cache[key]

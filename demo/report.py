@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("round", "device", "domain", "acc_shifted", "acc_source", "samples_seen",
+COLUMNS = ("round", "device", "domain", "acc_shifted", "acc_source", "served_shifted",
+           "served_source", "samples_seen",
            "uploaded_samples", "uplink_bytes", "raw_frame_bytes", "downlink_bytes",
            "adapter_version", "rollbacks", "round_s")
 
@@ -43,6 +44,11 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
         dom = info["domain"]
         ax.plot(rounds, [r["acc_shifted"] for r in mine], "o-", label=f"device on {dom}")
         ax.plot(rounds, [r["acc_source"] for r in mine], "s-", label="device on source")
+        if all("served_shifted" in r for r in mine):
+            ax.plot(rounds, [r["served_shifted"] for r in mine], "o--", color="C0", alpha=0.6,
+                    label=f"as served (VidCom2 25%) on {dom}")
+            ax.plot(rounds, [r["served_source"] for r in mine], "s--", color="C1", alpha=0.6,
+                    label="as served on source")
         for name, style in (("teacher", "--"), ("student", ":")):
             ax.axhline(refs[name][dom], linestyle=style, color="k" if name == "teacher" else "gray",
                        label=f"{name} on {dom}")
