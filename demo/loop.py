@@ -106,11 +106,12 @@ def trainer_options(cfg: DemoConfig, teacher: Path, student: Path, data: Path
     return {}
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_options(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`base` updated by `over`, nested dicts merged (a variant's {"akd": {...}} adds keys)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge_options(out[k], v) if nested else v
     return out
 
 
@@ -201,8 +202,9 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
         "tls": {"cert_file": str(certs["server_cert"]), "key_file": str(certs["server_key"]),
                 "client_ca_file": str(certs["ca"])},
         "worker": {"trainer": cfg.trainer,
-                   "trainer_options": _merged(trainer_options(cfg, zoo.teacher, zoo.student,
-                                                              cloud_data), variant.trainer),
+                   "trainer_options": merge_options(
+                       trainer_options(cfg, zoo.teacher, zoo.student, cloud_data),
+                       variant.trainer),
                    # a round distils what a device uploaded since the last one: at 24 pending,
                    # or whatever is pending every 15 s (a handful of samples overfits)
                    "threshold_samples": cfg.round_threshold, "schedule_s": cfg.round_schedule_s,

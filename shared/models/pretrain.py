@@ -288,9 +288,9 @@ def token_targets(s: P.QASample, processor: VLMProcessor) -> torch.Tensor | None
     if size != cfg.image_size or g != 2 * grid:
         return None
     obj = _objects_per_cell(s, grid)  # (F, C)
-    labels = torch.cat([torch.full((1, 4), -100, dtype=torch.long), _object_labels(s)])
-    per_cell = labels[obj + 1]  # (F, C, 4); -1 (empty) maps to the -100 row ...
-    per_cell[obj < 0] = torch.tensor([0, 0, 0, 0])  # ... then to "nothing here"
+    # row 0 is "nothing here" (class 0 in every column): empty cells (-1) index it
+    labels = torch.cat([torch.zeros(1, 4, dtype=torch.long), _object_labels(s)])
+    per_cell = labels[obj + 1]  # (F, C, 4)
     none = torch.full((1, 4), -100, dtype=torch.long)
     if cfg.architecture == "qwen2_vl":
         if s.media_kind == "video":  # one token per temporal pair: the later frame
@@ -308,7 +308,8 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
                    samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
                    sched: StageSchedule, seed: int, desc: str,
                    progress: bool = True, aux_weight: float = 0.0) -> float:
-    """Stages B/C: train the language model on cached visual tokens; returns the final loss (EMA).
+    """Stages B/C: train the language model on cached visual tokens; returns the final loss
+    (EMA, answer loss plus the weighted auxiliary loss).
 
     The tower and projector stay frozen (their standardised tokens are what a device uploads),
     so a step costs only the language model. Each step draws one media kind (by its share of

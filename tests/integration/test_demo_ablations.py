@@ -27,12 +27,24 @@ def test_every_variant_changes_one_real_setting() -> None:
     assert built["random"].device["sampler"] == "random"
     assert built["random"].device["sampler_options"]["round_budget"] == 3  # 6/24 of 12
     assert built["no-vidcom2"].device["compressor"] == "none"
-    assert built["dense-fp16"].worker == {"codec": "dense-fp16"}
+    assert built["dense-fp16"].worker == {"codec": "dense-fp16", "codec_options": {}}
     assert built["ce-only"].trainer["akd"] == {"kl_weight": 0.0, "feature_weight": 0.0}
     with pytest.raises(ValueError, match="uts"):
         variant("random", cfg, {})
     with pytest.raises(ValueError, match="expected one of"):
         variant("bogus", cfg, done)
+
+
+def test_variant_trainer_options_merge_into_the_budgeted_defaults(tmp_path: Path) -> None:
+    from demo.loop import merge_options, trainer_options
+
+    cfg = DemoConfig()
+    base = trainer_options(cfg, tmp_path / "teacher", tmp_path / "student", tmp_path)
+    ce_only = merge_options(base, variant("ce-only", cfg, {}).trainer)
+    assert ce_only["akd"] == {"delta_entries": cfg.delta_entries, "kl_weight": 0.0,
+                              "feature_weight": 0.0}
+    assert ce_only["steps"] == cfg.trainer_steps and base["akd"] == {
+        "delta_entries": cfg.delta_entries}
 
 
 def test_vidcom2_off_sends_more_bytes_per_sample(tmp_path: Path) -> None:
