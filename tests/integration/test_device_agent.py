@@ -131,9 +131,14 @@ def test_cloud_down_at_first_then_back_every_sample_arrives_once(tmp_path: Path,
     attempts = 0
     while time.monotonic() < deadline and attempts < 3 and proc.poll() is None:
         if outbox.exists():
-            with sqlite3.connect(f"file:{outbox}?mode=ro", uri=True) as con:
+            con = sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)
+            try:
                 row = con.execute("SELECT COALESCE(MAX(attempts), 0) FROM uploads").fetchone()
                 attempts = int(row[0]) if row else 0
+            except sqlite3.OperationalError:
+                pass  # the agent has created the file but not yet its schema
+            finally:
+                con.close()
         time.sleep(0.1)
     assert attempts >= 3, "the agent never retried against the dead link"
     with cloud:
