@@ -56,6 +56,7 @@ from device.compress import COMPRESSORS
 from device.runtime.inference import DeviceInference
 from device.runtime.loader import StudentConfig, load_student
 from device.sampling.payload import pack_tokens
+from device.settings import COMPRESSOR_DEFAULTS
 from shared.codec import CODECS
 from shared.media import procedural as P
 from shared.models.checkpoint import LoadedVLM, load_vlm
@@ -94,9 +95,11 @@ def _ci95(acc: float, n: int) -> float:
 
 def device_uploads(student_dir: Path, items: list[P.QASample], batch_size: int = 16,
                    ) -> list[UploadSample]:
-    """What the device-agent uploads for `items`: VidCom2-kept projected fp16 tokens."""
+    """What the device-agent uploads for `items`: projected fp16 tokens its default compressor
+    (VidCom2, `device.settings.COMPRESSOR_DEFAULTS`) kept."""
     student = load_student(StudentConfig(student_dir))
-    inference = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3)
+    inference = DeviceInference(student, COMPRESSORS.build("vidcom2",
+                                                           COMPRESSOR_DEFAULTS["vidcom2"]), 3)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -156,7 +159,7 @@ def step_timing(student_dir: Path, teacher_dir: Path, samples: list[DistillSampl
     labels = label(teacher, batch, fmt, max_new_tokens=3, prefer_reference=False)
     label_s = time.perf_counter() - t0
     packed = pack(fmt, [s.question for s in batch], [s.visual_tokens.shape[0] for s in batch],
-                  [lab.answer_ids for lab in labels])
+                  [lab.answer_ids for lab in labels], [s.positions for s in batch])
     targets = torch.cat(packed.answer_ids)  # (N,)
 
     def teacher_forward() -> None:

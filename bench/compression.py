@@ -90,9 +90,10 @@ class BatchStats:
 
 
 def run_pre_llm(model: Any, compressor: Any, inputs: dict[str, Any], max_new_tokens: int,
-                pad_id: int, device: torch.device) -> tuple[torch.Tensor, BatchStats]:
+                pad_id: int, device: torch.device, original_positions: bool = False
+                ) -> tuple[torch.Tensor, BatchStats]:
     """Answer one batch with a pre-LLM compressor, timing every stage separately."""
-    cv = CompressedVLM(model, compressor)
+    cv = CompressedVLM(model, compressor, original_positions=original_positions)
     with torch.no_grad():
         items, t_enc = _timed(device, lambda: cv.encode(inputs))
         keeps, t_sel = _timed(device, lambda: cv.select(items))
@@ -145,12 +146,12 @@ def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
 
 
 def run_method(model: Any, method: str, ratio: float, comp: Any, inputs: dict[str, Any],
-               max_new_tokens: int, pad_id: int, device: torch.device
-               ) -> tuple[torch.Tensor, BatchStats]:
+               max_new_tokens: int, pad_id: int, device: torch.device,
+               original_positions: bool = False) -> tuple[torch.Tensor, BatchStats]:
     """Dispatch on the method's stage."""
     if method in IN_LLM_METHODS:
         return run_in_llm(model, method, ratio, inputs, max_new_tokens, pad_id, device)
-    return run_pre_llm(model, comp, inputs, max_new_tokens, pad_id, device)
+    return run_pre_llm(model, comp, inputs, max_new_tokens, pad_id, device, original_positions)
 
 
 def _summary(stats: list[BatchStats], n_samples: int) -> dict[str, Any]:
@@ -204,7 +205,8 @@ def accuracy_part(args: argparse.Namespace, device: torch.device) -> dict[str, A
 
     model, proc, meta = _load(args.checkpoint, args.architecture)
     model.to(device)
-    results: dict[str, Any] = {"model": meta, "tasks": {}}
+    results: dict[str, Any] = {"model": meta, "original_positions": args.original_positions,
+                               "tasks": {}}
     for media in args.media:
         samples = [s for d in args.domains
                    for s in procedural.batch(d, args.n, seed=args.seed, media_kind=media)]
@@ -231,12 +233,13 @@ def _accuracy_run(args: argparse.Namespace, model: Any, proc: Any, method: str, 
                   batches: list[list[Any]], encoded: list[dict[str, Any]], device: torch.device
                   ) -> dict[str, Any]:
     comp = build_compressor(method, ratio)
-    run_method(model, method, ratio, comp, encoded[0], args.max_new_tokens, proc.pad_id, device)
+    run_method(model, method, ratio, comp, encoded[0], args.max_new_tokens, proc.pad_id, device,
+               args.original_positions)
     comp = build_compressor(method, ratio)  # fresh seed state after the warm-up
     hits, stats = [], []
     for b, inputs in zip(batches, encoded, strict=True):
         new, st = run_method(model, method, ratio, comp, inputs, args.max_new_tokens,
-                             proc.pad_id, device)
+                             proc.pad_id, device, args.original_positions)
         stats.append(st)
         for s, pred in zip(b, proc.decode_answers(new.cpu()), strict=True):
             hits.append(pred.strip().lower() == s.answer.strip().lower())
@@ -409,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-layers", type=int, default=4)
     p.add_argument("--scale-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--original-positions", action="store_true",
+                   help="pre-LLM methods: kept tokens keep their full-sequence positions "
+                        "(LLaVA-OV; the official code renumbers them compactly)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small n and scale (smoke run)")
     p.add_argument("--out", default="reports/compression")

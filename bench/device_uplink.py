@@ -45,6 +45,7 @@ from device.runtime.inference import DeviceInference, Inference
 from device.runtime.loader import StudentConfig, load_student
 from device.sampling.base import Selection
 from device.sampling.uncertainty import sequence_confidence, token_bytes, tokens_within_budget
+from device.settings import COMPRESSOR_DEFAULTS
 from device.vlm.compressed import CompressedVLM
 from shared.media import procedural as P
 from shared.types import SampleBatch
@@ -251,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--budgets", type=int, nargs="+", default=[420, 840, 1680, 3360])
     p.add_argument("--teacher-samples", type=int, default=100)
-    p.add_argument("--keep-ratio", type=float, default=0.25)
-    p.add_argument("--original-positions", action="store_true")
+    p.add_argument("--keep-ratio", type=float,
+                   default=COMPRESSOR_DEFAULTS["vidcom2"]["keep_ratio"],
+                   help="VidCom2 keep ratio (default: the device's)")
+    p.add_argument("--compact-positions", dest="original_positions", action="store_false",
+                   help="renumber kept tokens compactly (the official VidCom2 code) instead of "
+                        "the device default, their full-prompt positions")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

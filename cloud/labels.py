@@ -79,6 +79,8 @@ def sample_hash(sample: DistillSample) -> str:
             "feature_space": sample.feature_space, "shape": list(tokens.shape)}
     h.update(json.dumps(head, sort_keys=True).encode())
     h.update(tokens.numpy().tobytes())
+    if sample.positions is not None:  # the teacher reads them as RoPE positions
+        h.update(sample.positions.detach().cpu().long().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -86,7 +88,8 @@ def prompt_digest(formatter: PromptFormatter) -> str:
     """sha256 hex of the prompt layout and vocabulary: the same text tokenizes the same way."""
     vocab = sorted(formatter.tokenizer.get_vocab().items())
     layout = [formatter.visual_id, formatter.eos_id, formatter.pad_id, formatter.bos_id,
-              formatter.answer_id, list(formatter.visual_prefix), list(formatter.visual_suffix)]
+              formatter.answer_id, list(formatter.visual_prefix), list(formatter.visual_suffix),
+              formatter.layout, formatter.full_visual]
     return hashlib.sha256(json.dumps([layout, vocab]).encode()).hexdigest()
 
 

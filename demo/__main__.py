@@ -99,7 +99,7 @@ def run(workdir: Path, cfg: DemoConfig, report_dir: Path,
           f"of the {g['adapter_fp16_bytes']:,}-byte fp16 adapter (goal <= 2%)." for g in links),
         "acc_* columns: the uncompressed student carrying each stored adapter (all visual "
         "tokens); served_* columns: the same adapter as a device serves it (device runtime, "
-        "VidCom2 keeping 25% of the visual tokens).",
+        "VidCom2 keeping half the visual tokens at their original positions).",
         "Downlink bytes are the DWC payload sizes the devices logged when applying, rolling "
         "back or rejecting an update; uplink bytes are the outbox's uploaded payload bytes.",
     ]

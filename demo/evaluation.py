@@ -5,7 +5,8 @@ device's adapter store); they are loaded here onto a fresh copy of the student w
 LoRA shape the device uses. `Evaluator` runs the uncompressed student (all visual tokens) with
 `shared.models.evaluate`, so it measures the adapter, not the device's token compression;
 `ServedEvaluator` runs what a device serves: the device runtime's student with its default token
-compressor (VidCom2, 25% kept), the only place the demo imports `device`.
+compressor (VidCom2, half the tokens kept, original positions), the only place the demo
+imports `device`.
 """
 
 from __future__ import annotations
@@ -88,12 +89,13 @@ class ServedEvaluator:
         from device.compress import COMPRESSORS
         from device.runtime.inference import DeviceInference
         from device.runtime.loader import StudentConfig, load_student
-        from device.settings import DeviceSettings
+        from device.settings import COMPRESSOR_DEFAULTS, DeviceSettings, ModelSettings
 
-        defaults = DeviceSettings.model_fields
+        name = DeviceSettings.model_fields["compressor"].default
         self._student = load_student(StudentConfig(student_dir))
-        self._inference = DeviceInference(self._student, COMPRESSORS.build(
-            defaults["compressor"].default, dict(defaults["compressor_options"].default)))
+        self._inference = DeviceInference(
+            self._student, COMPRESSORS.build(name, COMPRESSOR_DEFAULTS.get(name, {})),
+            original_positions=ModelSettings.model_fields["original_positions"].default)
         self.sets, self.batch_size = sets, batch_size
         self._base = {k: v.clone() for k, v in
                       get_peft_model_state_dict(self._student.model).items()}

@@ -46,7 +46,7 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.plot(rounds, [r["acc_source"] for r in mine], "s-", label="device on source")
         if all("served_shifted" in r for r in mine):
             ax.plot(rounds, [r["served_shifted"] for r in mine], "o--", color="C0", alpha=0.6,
-                    label=f"as served (VidCom2 25%) on {dom}")
+                    label=f"as served (VidCom2 50%) on {dom}")
             ax.plot(rounds, [r["served_source"] for r in mine], "s--", color="C1", alpha=0.6,
                     label="as served on source")
         for name, style in (("teacher", "--"), ("student", ":")):

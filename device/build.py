@@ -79,7 +79,7 @@ def build_agent(settings: DeviceSettings, stop: threading.Event) -> Iterator[Age
 
         encoder = OnnxVisionEncoder(m.onnx_vision, student.model)
     inference = DeviceInference(
-        student, COMPRESSORS.build(settings.compressor, settings.compressor_options),
+        student, COMPRESSORS.build(settings.compressor, settings.compressor_config()),
         m.max_new_tokens, encoder, m.feature_space, m.original_positions)
     sampler = SAMPLERS.build(settings.sampler, settings.sampler_options)
     if not isinstance(sampler, UncertaintySampler):

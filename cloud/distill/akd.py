@@ -8,7 +8,9 @@ is used (the official code distils only sampled text and features), the feature 
 learned Linear instead of a 1x1 Conv1d (the same map), and there is no wavelet term.
 
 Visual tokens enter both models as `inputs_embeds` at the placeholder positions, which is what
-`mm_encoder_outputs` does inside LLaVA-OneVision, so a compressed subset of tokens works as is.
+`mm_encoder_outputs` does inside LLaVA-OneVision, so a compressed subset of tokens works as is;
+with a formatter that knows the full visual block (`PromptFormatter.full_visual`) they keep the
+RoPE positions they had in the full prompt, as on a device serving with `original_positions`.
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def _forward(
     out = model(
         inputs_embeds=_embeds(model, batch, samples),
         attention_mask=batch.attention_mask.to(_device(model)),
+        position_ids=batch.position_ids.to(_device(model)),
         output_hidden_states=True,
     )
     return out.logits, out.hidden_states[-1]
@@ -149,7 +152,8 @@ def label(
                 answer = torch.tensor(formatter.answer_ids(s.reference_answer))
             else:
                 answer = _generate(teacher, formatter, s, max_new_tokens)
-            batch = pack(formatter, [s.question], [s.visual_tokens.shape[0]], [answer])
+            batch = pack(formatter, [s.question], [s.visual_tokens.shape[0]], [answer],
+                         [s.positions])
             logits, hidden = _forward(teacher, batch, [s])
             a_pos, v_pos = batch.answer_positions[0], batch.visual_positions[0]
             out.append(TeacherLabel(
@@ -167,11 +171,12 @@ def _generate(
 ) -> torch.Tensor:
     """Greedy continuation after the prompt, cut after the first EOS: (A,) int64."""
     empty = torch.zeros(0, dtype=torch.long)
-    batch = pack(formatter, [s.question], [s.visual_tokens.shape[0]], [empty])
+    batch = pack(formatter, [s.question], [s.visual_tokens.shape[0]], [empty], [s.positions])
     generate = cast(Callable[..., torch.Tensor], teacher.generate)
     generated = generate(
         inputs_embeds=_embeds(teacher, batch, [s]),
         attention_mask=batch.attention_mask.to(_device(teacher)),
+        position_ids=batch.position_ids.to(_device(teacher)),
         max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=[formatter.visual_id],
         eos_token_id=formatter.eos_id, pad_token_id=formatter.pad_id,
     )[0].cpu()  # (A',) only the new tokens when generating from inputs_embeds
@@ -404,7 +409,8 @@ class _Objective(nn.Module):
         student = self.student
         dev = _device(student)
         batch = pack(self.formatter, [s.question for s in samples],
-                     [s.visual_tokens.shape[0] for s in samples], [t.answer_ids for t in labels])
+                     [s.visual_tokens.shape[0] for s in samples], [t.answer_ids for t in labels],
+                     [s.positions for s in samples])
         logits, hidden = _forward(student, batch, samples)  # (B, L, V), (B, L, Ds)
         s_logits = torch.cat([logits[i, p] for i, p in enumerate(batch.answer_positions)])
         t_logits = torch.cat([t.logits for t in labels]).to(dev)  # (N, V)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import safetensors.torch
 import torch
 from peft import get_peft_model_state_dict
@@ -81,9 +82,10 @@ class AkdJobTrainer:
                                     TorchrunLauncher(config.nproc_per_node,
                                                      config.threads_per_rank))
         self.base_model_hash = checkpoint_hash(config.student_dir)
-        student, _ = load_checkpoint(config.student_dir)
+        student, formatter = load_checkpoint(config.student_dir)
         embeddings = cast(nn.Embedding, cast(Any, student).get_input_embeddings())
         self._width = int(embeddings.embedding_dim)
+        self._full_visual = formatter.full_visual
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
             torch.manual_seed(config.seed)  # the same fresh LoRA a job with this seed starts from
             peft_model = attach_lora(student, self._template.lora_spec())
@@ -106,6 +108,11 @@ class AkdJobTrainer:
         if tokens.feature_space == "projected" and width != self._width:
             raise WireFormatError(f"tokens.values: width must be {self._width} for projected "
                                   f"tokens, got shape {tuple(tokens.values.shape)}")
+        grid_tokens = int(np.prod(tokens.grid)) if len(tokens.grid) else 0
+        if self._full_visual is not None and grid_tokens > self._full_visual:
+            # its positions would lie outside the visual block the models were trained on
+            raise WireFormatError(f"tokens.grid: {list(tokens.grid)} holds {grid_tokens} tokens, "
+                                  f"the student's visual block {self._full_visual}")
 
     def train(self, adapter: StateDict, samples: Sequence[UploadSample],
               ctx: JobContext, replay: Sequence[DistillSample] = ()) -> TrainResult:

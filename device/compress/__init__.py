@@ -1,6 +1,6 @@
 """Visual-token compressors (VidCom2, SparseVLM, baselines) and their one registry.
 
-Build one from settings: `COMPRESSORS.build(settings.compressor, settings.compressor_options)`.
+Build one from settings: `COMPRESSORS.build(settings.compressor, settings.compressor_config())`.
 Known names: "none", "random", "uniform", "vidcom2", "sparsevlm", "vidcom2+sparsevlm".
 """
 

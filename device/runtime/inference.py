@@ -45,7 +45,7 @@ class DeviceInference:
 
     def __init__(self, student: Student, compressor: TokenCompressor, max_new_tokens: int = 4,
                  encoder: Encoder | None = None, feature_space: str = "projected",
-                 original_positions: bool = False) -> None:
+                 original_positions: bool = True) -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
         self.student = student

@@ -260,7 +260,8 @@ def as_encoder_outputs(model: PreTrainedModel, features: dict[str, list[torch.Te
     out = {}
     for kind, feats in features.items():
         if arch.name == "llava_onevision" and kind == "video":
-            pooled: object = torch.stack(feats)  # (B, N, D): LLaVA-OV flattens a stacked tensor
+            # (1, sum N_i, D): LLaVA-OV flattens the first two dims, so counts may differ
+            pooled: object = torch.cat(list(feats))[None]
         else:
             pooled = list(feats)
         out[kind] = BaseModelOutputWithPooling(pooler_output=pooled)

@@ -304,10 +304,58 @@ def token_targets(s: P.QASample, processor: VLMProcessor) -> torch.Tensor | None
     return torch.cat([patch.flatten(0, 1), crop.flatten(0, 1)])  # base grid, crop rows + newline
 
 
+def _drop_keep(n: int, aux: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """Sorted indices of the visual tokens one training sample keeps: (K,).
+
+    A keep share uniform in [0.1, 0.6] (a device serves 25-50% and uploads 10-25% of its
+    tokens). Half the draws are uniform; the other half favour tokens that show an object
+    (aux colour column > 0), as VidCom2 and UTS do by keeping distinctive tokens.
+    """
+    k = max(1, round(n * (0.1 + 0.5 * float(torch.rand((), generator=gen)))))
+    weight = torch.ones(n)
+    if aux is not None and float(torch.rand((), generator=gen)) < 0.5:
+        weight = torch.where(aux[:, 0] > 0, 8.0, 1.0)
+    return torch.multinomial(weight, k, replacement=False, generator=gen).sort().values
+
+
+def _drop_tokens(text: dict[str, torch.Tensor], placeholder: int,
+                 keeps: Sequence[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Remove each row's dropped visual placeholders; the rest keep their full-prompt positions.
+
+    text: left-padded `text_inputs` output; keeps[i]: (K_i,) indices into row i's placeholders.
+    Returns ids, mask, labels and `position_ids` (B, L'), left-padded again. Positions count
+    from the first real token (what `generate` derives from the mask) with gaps where tokens
+    were dropped: the device's `original_positions` layout.
+    """
+    ids, mask, labels = text["input_ids"], text["attention_mask"], text["labels"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    rows = []
+    for r, keep in enumerate(keeps):
+        survive = mask[r].bool()
+        vis = (ids[r] == placeholder).nonzero().squeeze(1)  # (N,)
+        dropped = torch.ones(vis.numel(), dtype=torch.bool)
+        dropped[keep] = False
+        survive[vis[dropped]] = False
+        rows.append(survive.nonzero().squeeze(1))
+    length = max(c.numel() for c in rows)
+    out = {"input_ids": torch.full((len(rows), length), pad_id, dtype=ids.dtype),
+           "attention_mask": torch.zeros(len(rows), length, dtype=mask.dtype),
+           "labels": torch.full((len(rows), length), -100, dtype=labels.dtype),
+           "position_ids": torch.zeros(len(rows), length, dtype=torch.long)}
+    for r, cols in enumerate(rows):
+        dst = slice(length - cols.numel(), length)
+        out["input_ids"][r, dst] = ids[r, cols]
+        out["attention_mask"][r, dst] = 1
+        out["labels"][r, dst] = labels[r, cols]
+        out["position_ids"][r, dst] = pos[r, cols]
+    return out
+
+
 def train_language(model: PreTrainedModel, processor: VLMProcessor,
                    samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
                    sched: StageSchedule, seed: int, desc: str,
-                   progress: bool = True, aux_weight: float = 0.0) -> float:
+                   progress: bool = True, aux_weight: float = 0.0,
+                   token_drop: float = 0.0) -> float:
     """Stages B/C: train the language model on cached visual tokens; returns the final loss
     (EMA, answer loss plus the weighted auxiliary loss).
 
@@ -315,7 +363,14 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
     so a step costs only the language model. Each step draws one media kind (by its share of
     `samples`) and a batch of that kind. With `aux_weight` > 0 a linear head on the middle
     layer's hidden states at the visual tokens also learns `token_targets` (discarded after).
+    With `token_drop` > 0 (LLaVA-OV only) that share of batches keeps a random subset of each
+    sample's visual tokens at their full-prompt positions (`_drop_tokens`), and every batch
+    passes explicit mask-derived positions, so the model answers from what a compressor keeps
+    or a device uploads.
     """
+    if token_drop > 0 and processor.config.architecture != "llava_onevision":
+        raise ValueError("token_drop needs 1-D RoPE positions (llava_onevision), got "
+                         f"{processor.config.architecture!r}")
     pools: dict[str, list[int]] = {"video": [], "image": []}
     for i, s in enumerate(samples):
         pools[s.media_kind].append(i)
@@ -346,14 +401,25 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
             g = processor.config.image_size // processor.config.patch_size
             t = processor.config.num_frames // 2 if kind == "video" else 1
             text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
-        enc = as_encoder_outputs(model, {kind: [tokens[i] for i in pick]})
-        use_aux = bool(aux) and all(aux[i] is not None for i in pick)
+        placeholder = processor.video_id if kind == "video" else processor.image_id
+        feats = [tokens[i] for i in pick]
+        targets = [aux[i] for i in pick] if aux else []
+        if token_drop > 0:
+            keeps = [torch.arange(f.shape[0]) for f in feats]
+            if float(torch.rand((), generator=gen)) < token_drop:
+                keeps = [_drop_keep(f.shape[0], t, gen)
+                         for f, t in zip(feats, targets or [None] * len(feats), strict=True)]
+            text = _drop_tokens(text, placeholder, keeps, processor.pad_id)
+            feats = [f[k] for f, k in zip(feats, keeps, strict=True)]
+            targets = [t[k] if t is not None else None
+                       for t, k in zip(targets, keeps, strict=False)]
+        enc = as_encoder_outputs(model, {kind: feats})
+        use_aux = bool(targets) and all(t is not None for t in targets)
         out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
         loss = out.loss
         if use_aux:
-            placeholder = processor.video_id if kind == "video" else processor.image_id
-            h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (B * N, D)
-            parts = _aux_losses(head(h), torch.cat([aux[i] for i in pick]))
+            h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (sum K, D)
+            parts = _aux_losses(head(h), torch.cat(targets))
             loss = loss + aux_weight * sum(parts) / len(parts)
             aux_txt = " aux " + " ".join(f"{p.item():.2f}" for p in parts)
         opt.zero_grad(set_to_none=True)

@@ -78,15 +78,24 @@ class ZooConfig:
     aux_weight: float = 1.0
     """Weight of the per-visual-token auxiliary loss of stages B/C (`pretrain.token_targets`);
     without it count, exists and direction stayed near chance (teacher 0.63 on video)."""
+    token_drop: float = 0.0
+    """Share of stage B/C batches that keep only a random 10-60% of each sample's visual tokens,
+    at their full-prompt positions (`pretrain.train_language`): devices serve VidCom2-compressed
+    tokens and upload fewer still. LLaVA-OV only (1-D positions)."""
     vision: StageSchedule = field(default_factory=lambda: StageSchedule(600, 2e-3, 128))
     teacher: StageSchedule = field(
         default_factory=lambda: StageSchedule(1500, 2e-3, 32, warmup=50))
     student: StageSchedule = field(
-        default_factory=lambda: StageSchedule(1500, 2e-3, 32, warmup=50))
+        default_factory=lambda: StageSchedule(2000, 2e-3, 32, warmup=50))
 
     def __post_init__(self) -> None:
         if self.aux_weight < 0:
             raise ConfigError(f"`aux_weight` must be >= 0, got {self.aux_weight}")
+        if not 0.0 <= self.token_drop <= 1.0:
+            raise ConfigError(f"`token_drop` must be in [0, 1], got {self.token_drop}")
+        if self.token_drop > 0 and self.architecture != "llava_onevision":
+            raise ConfigError("`token_drop` > 0 needs 1-D RoPE positions (llava_onevision), "
+                              f"got architecture {self.architecture!r}")
         for name in ("train_videos_per_domain", "train_images_per_domain", "eval_per_domain",
                      "student_videos", "student_images"):
             if getattr(self, name) < 0:
@@ -126,7 +135,7 @@ DATA_VERSION = "procedural-v2+std+cachedB+aux"
 """Bump when the generator changes what a (domain, seed, index) produces."""
 
 ZOOS: dict[str, ZooConfig] = {
-    "default": ZooConfig(),
+    "default": ZooConfig(token_drop=0.5),
     # "test" trains without the auxiliary loss: in its 10 steps it only perturbs the tiny
     # models the replay and adaptation tests were calibrated on; "test-qwen2vl" keeps it
     "test": ZooConfig(
@@ -252,7 +261,7 @@ def train_zoo(cfg: ZooConfig, out_dir: str | Path, progress: bool = True,
     tokens = cache_visual_tokens(teacher, proc, data, progress=progress)
     watch.lap("cache_tokens")
     loss_t = train_language(teacher, proc, data, tokens, cfg.teacher, cfg.seed + 2,
-                            "stage B teacher", progress, cfg.aux_weight)
+                            "stage B teacher", progress, cfg.aux_weight, cfg.token_drop)
     watch.lap("stage_b_teacher")
     vhash = copy_visual(teacher, student)
     src = [i for i, s in enumerate(data) if s.domain == "source"]
@@ -263,7 +272,7 @@ def train_zoo(cfg: ZooConfig, out_dir: str | Path, progress: bool = True,
     loss_s = train_language(student, proc, [data[i] for i in src] + more,
                             [tokens[i] for i in src] + more_tokens,
                             cfg.student, cfg.seed + 3, "stage C student", progress,
-                            cfg.aux_weight)
+                            cfg.aux_weight, cfg.token_drop)
     watch.lap("stage_c_student")
     common = {"zoo": name, "zoo_key": cfg.key(), "zoo_config": cfg.to_dict(),
               "data_version": DATA_VERSION, "vision_sha256_fp32_train": vhash}

@@ -99,7 +99,7 @@ def test_original_positions_scoring_pass(tiny_ckpt: Path) -> None:
     samples = P.batch("blur", 2, seed=3)
     args = ([s.frames for s in samples], [s.question for s in samples], ["a", "b"])
     comp = COMPRESSORS.build("vidcom2", {})
-    compact = DeviceInference(st, comp, 3).run(*args)
+    compact = DeviceInference(st, comp, 3, original_positions=False).run(*args)
     orig = DeviceInference(st, comp, 3, original_positions=True).run(*args)
     for c, o in zip(compact, orig, strict=True):
         assert torch.equal(c.record.keep, o.record.keep)

@@ -131,7 +131,8 @@ def _source_loss(trainer: object, adapter: dict[str, torch.Tensor],
     student.eval()
     answers = [torch.tensor(fmt.answer_ids(s.reference_answer or "")) for s in held_out]
     batch = pack(fmt, [s.question for s in held_out],
-                 [s.visual_tokens.shape[0] for s in held_out], answers)
+                 [s.visual_tokens.shape[0] for s in held_out], answers,
+                 [s.positions for s in held_out])
     logits, _ = _forward(student, batch, held_out)  # (B, L, V)
     s_logits = torch.cat([logits[i, p] for i, p in enumerate(batch.answer_positions)])
     return float(torch.nn.functional.cross_entropy(s_logits, torch.cat(answers)))
@@ -140,7 +141,7 @@ def _source_loss(trainer: object, adapter: dict[str, torch.Tensor],
 def test_replay_limits_forgetting_of_the_source_domain(zoo: ZooPaths, tmp_path: Path) -> None:
     """The test zoo's student knows little, so a first round (mostly replay) teaches it the
     source answers; a round on low-light uploads from there then raises the source loss, and
-    less so with a quarter of each batch replayed (measured: +0.78 without, -0.04 with)."""
+    less so with a quarter of each batch replayed (measured: +0.43 without, -0.16 with)."""
     uploads = _uploads(zoo, "low_light", 8)
     model, _ = load_checkpoint(zoo.student)
     processor = VLMProcessor.from_pretrained(zoo.student)
@@ -153,7 +154,7 @@ def test_replay_limits_forgetting_of_the_source_domain(zoo: ZooPaths, tmp_path: 
     assert base_loss < _source_loss(teach, start, held_out) - 1.0  # it learned the source
     rise = {}
     for ratio in (0.0, 0.25):
-        trainer = _akd(zoo, tmp_path, steps=25, lr=5e-3, replay_ratio=ratio, replay_samples=16)
+        trainer = _akd(zoo, tmp_path, steps=40, lr=1e-2, replay_ratio=ratio, replay_samples=16)
         after = trainer.train(knows, uploads, _Ctx()).adapter
         rise[ratio] = _source_loss(trainer, after, held_out) - base_loss
     assert rise[0.0] > 0.3, rise  # without replay the round forgets

@@ -65,15 +65,18 @@ def test_version_zero_and_sample_checks_match_the_device(zoo: ZooPaths, tmp_path
 
     width = int(load_student(defaults).model.get_input_embeddings().embedding_dim)
 
-    def upload(space: str, d: int) -> UploadSample:
+    def upload(space: str, d: int, grid: tuple[int, int, int] = (1, 1, 2)) -> UploadSample:
         return UploadSample("s", "video", "q?", "", 0.1, tokens=VisualTokens(
-            np.zeros((2, d), np.float16), np.arange(2), (1, 1, 2), space))
+            np.zeros((2, d), np.float16), np.arange(2), grid, space))
 
     cloud.check_sample(upload("projected", width))
     with pytest.raises(WireFormatError, match="feature_space"):
         cloud.check_sample(upload("vision", width))
     with pytest.raises(WireFormatError, match="width"):
         cloud.check_sample(upload("projected", width + 1))
+    # a grid larger than the student's visual block: positions the models never saw
+    with pytest.raises(WireFormatError, match="tokens.grid"):
+        cloud.check_sample(upload("projected", width, (64, 3, 3)))
 
 
 class _Ctx:

@@ -69,10 +69,10 @@ def test_vidcom2_off_sends_more_bytes_per_sample(tmp_path: Path) -> None:
             assert 0.0 <= d["acc_shifted"] <= 1.0 and 0.0 <= d["acc_source"] <= 1.0
             assert d["uploaded_samples"] > 0 and d["downlink_bytes_per_round"] > 0
     assert off["changes"]["device"]["compressor"] == "none"
-    # every visual token vs the quarter VidCom2 keeps: the uplink per sample must grow
+    # every visual token vs the half VidCom2 keeps by default: the uplink per sample grows
     per_on = on["uplink_bytes"] / on["uploaded_samples"]
     per_off = off["uplink_bytes"] / off["uploaded_samples"]
-    assert per_off > 2 * per_on
+    assert per_off > 1.6 * per_on
     md = "\n".join(report.ablation_section(ab, tmp_path))
     assert "| visual token compression | no-vidcom2 |" in md
     assert (tmp_path / "ablations.png").read_bytes()[:4] == b"\x89PNG"

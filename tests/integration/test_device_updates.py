@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from device.compress import COMPRESSORS
 from device.runtime.inference import DeviceInference
 from device.runtime.loader import StudentConfig, adapter_state, load_student
+from device.settings import COMPRESSOR_DEFAULTS
 from device.sync.credentials import Credentials
 from shared import signing
 from shared.codec import CODECS
@@ -57,7 +58,8 @@ def test_agent_rejects_tampering_rolls_back_regression_applies_good(tmp_path: Pa
     probe = tmp_path / "probe"
     probe.mkdir()
     items = P.batch("source", 6, seed=77)
-    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", {}), 3)
+    # the probe's answers are version 0's as the agent serves them (its default compressor)
+    inf = DeviceInference(st, COMPRESSORS.build("vidcom2", COMPRESSOR_DEFAULTS["vidcom2"]), 3)
     answers = inf.run([s.frames for s in items], [s.question for s in items],
                       [s.sample_id for s in items])
     lines = []

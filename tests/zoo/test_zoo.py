@@ -92,6 +92,10 @@ def test_zoo_config_validation() -> None:
         ZooConfig(student_layers=6, student_intermediate=512)
     with pytest.raises(ConfigError, match="architecture"):
         ZooConfig(architecture="gpt2")
+    with pytest.raises(ConfigError, match="token_drop"):
+        ZooConfig(token_drop=1.5)
+    with pytest.raises(ConfigError, match="1-D RoPE"):
+        ZooConfig(architecture="qwen2_vl", token_drop=0.5)
 
 
 def test_cli_eval_writes_json(test_zoo, tmp_path: Path) -> None:
