@@ -227,7 +227,8 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
         "`raw_frame_bytes` is what the uploaded samples' raw uint8 frames would have cost.", "",
         table(result["rows"]), "",
         "Device probe (source accuracy of the serving model before -> after each update, "
-        f"{s['probe_samples']} samples; an update more than 0.05 worse is rolled back):", "",
+        f"{s['probe_samples']} samples; an update more than {s['rollback_margin']:.2f} worse is "
+        "rolled back):", "",
         *[f"- round {r['round']} {r['device']}: " + ", ".join(
             f"{b:.3f} -> {a:.3f}" for b, a in r["probes"] if a is not None and b is not None)
           for r in result["rows"] if r.get("probes")], "",
