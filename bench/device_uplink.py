@@ -11,7 +11,8 @@ the q-quantile of confidences on separate source data; among uploaded samples, t
 device answered wrongly vs the base rate (= random selection at the same upload rate, with a
 95 % interval from 2000 random draws). Enrichment = P(wrong | uploaded) / P(wrong), at most
 1 / P(wrong). The official code's product of max-probabilities is reported beside the two
-length-normalised signals.
+length-normalised signals. Part `budget_mode`: the sampler's other mode, the least confident
+`round_budget` of every `round_size` stream samples (no calibration data needed).
 
 Part `tokens`: the student (and, with --teacher, the teacher) reading only the uploaded tokens
 chosen by answer->visual attention vs the same number of random kept tokens vs all kept tokens:
@@ -44,7 +45,14 @@ from device.inputs import ProceduralInput, generator_for
 from device.runtime.inference import DeviceInference, Inference
 from device.runtime.loader import StudentConfig, load_student
 from device.sampling.base import Selection
-from device.sampling.uncertainty import sequence_confidence, token_bytes, tokens_within_budget
+from device.sampling.uncertainty import (
+    SIGNALS,
+    UncertaintySampler,
+    UncertaintySamplerConfig,
+    sequence_confidence,
+    token_bytes,
+    tokens_within_budget,
+)
 from device.settings import COMPRESSOR_DEFAULTS
 from device.vlm.compressed import CompressedVLM
 from shared.media import procedural as P
@@ -162,6 +170,35 @@ def calibration_part(cal: list[Inference], res: list[Inference], items: list[Any
     return out
 
 
+def budget_part(res: list[Inference], items: list[Any], round_size: int,
+                round_budgets: list[int], seed: int) -> dict[str, Any]:
+    """Wrong-answer enrichment of the sampler's budget mode: per round of `round_size` stream
+    samples, the real `UncertaintySampler` uploads the `round_budget` least confident."""
+    wrong = np.array([r.answer != it.answer for r, it in zip(res, items, strict=True)])
+    index = {r.record.sample_id: i for i, r in enumerate(res)}
+    dim = int(res[0].features.shape[-1])
+    rng = random.Random(seed)
+    out: dict[str, Any] = {"round_size": round_size, "signals": {}}
+    for signal in SIGNALS:
+        rows = []
+        for k in round_budgets:
+            sampler = UncertaintySampler(UncertaintySamplerConfig(
+                signal=signal, mode="budget", round_size=round_size, round_budget=k), dim)
+            chosen = [index[sel.sample_id] for start in range(0, len(res), round_size)
+                      for sel in sampler.select([r.record for r in res[start:start + round_size]])]
+            n = len(chosen)
+            draws = [wrong[rng.sample(range(len(items)), n)].mean() for _ in range(2000)]
+            lo, hi = np.quantile(draws, [0.025, 0.975])
+            rows.append({
+                "round_budget": k, "uploaded": n, "upload_rate": n / len(items),
+                "wrong_rate_uploaded": float(wrong[chosen].mean()),
+                "wrong_rate_random_95": [float(lo), float(hi)],
+                "enrichment": float(wrong[chosen].mean() / max(wrong.mean(), 1e-9)),
+            })
+        out["signals"][signal] = rows
+    return out
+
+
 class _FixedKeep:
     """A pre-LLM 'compressor' that returns the indices it is given (per call, in order)."""
 
@@ -249,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="fp32")
     p.add_argument("--per-domain", type=int, default=60)
     p.add_argument("--calibration", type=int, default=100)
-    p.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--quantiles", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
+    p.add_argument("--round-size", type=int, default=30,
+                   help="budget mode: stream samples per round (the stream cycles 5 domains)")
+    p.add_argument("--round-budgets", type=int, nargs="+", default=[3, 6, 9],
+                   help="budget mode: uploads per round")
     p.add_argument("--budgets", type=int, nargs="+", default=[420, 840, 1680, 3360])
     p.add_argument("--teacher-samples", type=int, default=100)
     p.add_argument("--keep-ratio", type=float,
@@ -282,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "original_positions": args.original_positions,
         "bytes": bytes_part(inf, items, res, args.budgets),
         "calibration": calibration_part(cal, res, items, args.quantiles, args.seed),
+        "budget_mode": budget_part(res, items, args.round_size, args.round_budgets, args.seed),
     }
     n = args.teacher_samples
     for role, path in (("student", args.student), ("teacher", args.teacher)):
