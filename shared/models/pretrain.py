@@ -403,23 +403,22 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
             text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
         placeholder = processor.video_id if kind == "video" else processor.image_id
         feats = [tokens[i] for i in pick]
-        targets = [aux[i] for i in pick] if aux else []
+        targets = [aux[i] if aux else None for i in pick]  # (N_i, 4) or None each
         if token_drop > 0:
             keeps = [torch.arange(f.shape[0]) for f in feats]
             if float(torch.rand((), generator=gen)) < token_drop:
                 keeps = [_drop_keep(f.shape[0], t, gen)
-                         for f, t in zip(feats, targets or [None] * len(feats), strict=True)]
+                         for f, t in zip(feats, targets, strict=True)]
             text = _drop_tokens(text, placeholder, keeps, processor.pad_id)
             feats = [f[k] for f, k in zip(feats, keeps, strict=True)]
-            targets = [t[k] if t is not None else None
-                       for t, k in zip(targets, keeps, strict=False)]
+            targets = [None if t is None else t[k] for t, k in zip(targets, keeps, strict=True)]
         enc = as_encoder_outputs(model, {kind: feats})
-        use_aux = bool(targets) and all(t is not None for t in targets)
+        use_aux = all(t is not None for t in targets)
         out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
         loss = out.loss
         if use_aux:
             h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (sum K, D)
-            parts = _aux_losses(head(h), torch.cat(targets))
+            parts = _aux_losses(head(h), torch.cat([t for t in targets if t is not None]))
             loss = loss + aux_weight * sum(parts) / len(parts)
             aux_txt = " aux " + " ".join(f"{p.item():.2f}" for p in parts)
         opt.zero_grad(set_to_none=True)
