@@ -70,6 +70,10 @@ class WorkerSettings(BaseModel):
     """Also start a round this often for any cohort with `min_samples`; None disables."""
     min_samples: int = Field(default=1, ge=1)
     max_samples_per_job: int = Field(default=1024, ge=1)
+    quiet_s: float = Field(default=0.0, ge=0)
+    """A due round waits until the cohort's newest unclaimed sample is this many seconds old,
+    so a burst of uploads becomes one round and one update (unless `max_samples_per_job` are
+    waiting); 0: start as soon as due."""
     max_attempts: int = Field(default=3, ge=1)
     """Starts of a job (crashes included) before it is marked failed."""
 

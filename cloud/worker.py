@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.metrics import Metrics
 from cloud.settings import WorkerSettings
-from cloud.store import Job, NewUpdate, StateDict, Store
+from cloud.store import Job, NewUpdate, Pending, StateDict, Store
 from cloud.trainers import JobInterrupted, Trainer
 from shared import signing
 from shared.codec import DeltaCodec
@@ -100,8 +100,9 @@ class DistillWorker:
             except Exception:  # keep the daemon alive; the job stays open and is retried
                 log.exception("distillation round failed")
                 self._stopping.wait(1.0)
-            timeout = self._settings.schedule_s
-            self._wake.wait(timeout)
+            # a quiet period ends without an upload to wake us: look again when it may have
+            waits = [t for t in (self._settings.schedule_s, self._settings.quiet_s) if t]
+            self._wake.wait(min(waits) if waits else None)
             self._wake.clear()
 
     # -- rounds ---------------------------------------------------------------------------
@@ -129,9 +130,16 @@ class DistillWorker:
     def _due(self, need: int) -> list[tuple[str, tuple[str, ...]]]:
         pending = self._store.pending_by_device()
         if self._settings.cohort == FLEET:
-            total = sum(pending.values())
-            return [(FLEET, tuple(sorted(pending)))] if pending and total >= need else []
-        return [(device_cohort(d), (d,)) for d, n in sorted(pending.items()) if n >= need]
+            ready = pending and self._ready(list(pending.values()), need)
+            return [(FLEET, tuple(sorted(pending)))] if ready else []
+        return [(device_cohort(d), (d,)) for d, p in sorted(pending.items())
+                if self._ready([p], need)]
+
+    def _ready(self, pending: list[Pending], need: int) -> bool:
+        """`need` samples are waiting and their uploads went quiet (or a full job waits)."""
+        total = sum(p.samples for p in pending)
+        quiet = time.time() - max(p.newest_at for p in pending) >= self._settings.quiet_s
+        return total >= need and (quiet or total >= self._settings.max_samples_per_job)
 
     def _run(self, job: Job) -> int:
         job = self._store.start_job(job.job_id)

@@ -48,6 +48,10 @@ class DemoConfig:
     tokens are often wrong, and a wrong round should not reach the next one)."""
     round_threshold: int = 24
     round_schedule_s: float = 15.0
+    round_quiet_s: float = 6.0
+    """The cloud starts a device's round once its uploads pause this long: one round (and one
+    update) per streamed round, where a round started at 24 pending split a burst of 70 uploads
+    into two chained updates."""
     delta_entries: int | None = 350
     """Budgeted AKD rounds: the adapter entries a round may change (None: all)."""
     downlink_budget_bytes: int | None = 974
@@ -67,7 +71,7 @@ class DemoConfig:
                       "calibration_samples": 8, "calibration_quantile": 0.2,
                       "probe_samples": 8, "trainer_steps": 8,
                       "trainer_lr": 1e-3, "delta_entries": None, "downlink_budget_bytes": None,
-                      "round_threshold": 100_000, "round_schedule_s": 1.0,
+                      "round_threshold": 100_000, "round_schedule_s": 1.0, "round_quiet_s": 0.0,
                       "rollback_margin": 0.05, **kw})
 
 
@@ -215,9 +219,10 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
                        trainer_options(cfg, zoo.teacher, zoo.student, cloud_data),
                        variant.trainer),
                    # a round distils what a device uploaded since the last one: at 24 pending,
-                   # or whatever is pending every 15 s (a handful of samples overfits)
+                   # or whatever is pending every 15 s (a handful of samples overfits), once
+                   # the device's uploads paused
                    "threshold_samples": cfg.round_threshold, "schedule_s": cfg.round_schedule_s,
-                   "min_samples": 1,
+                   "quiet_s": cfg.round_quiet_s, "min_samples": 1,
                    "codec_options": codec_options(cfg), **variant.worker},
     })
     log.info("[%s] cloud-server up on 127.0.0.1:%d (mutual TLS, trainer %s)", variant.name,

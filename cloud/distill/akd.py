@@ -61,10 +61,10 @@ class AKDConfig:
     prefer_reference: bool = True
     """Label with the sample's reference answer when it has one (teacher-forced)."""
     delta_entries: int | None = None
-    """Budgeted round: train only this many adapter entries, chosen by gradient saliency at
-    the round's base (`cloud.distill.sparse_delta`); None trains every LoRA entry."""
+    """Budgeted round: train only this many LoRA B entries, chosen by gradient saliency at the
+    round's base (`cloud.distill.sparse_delta`); None trains every LoRA entry."""
     saliency_batches: int = 8
-    """Batches whose summed |gradient| ranks the entries of a budgeted round."""
+    """Batches whose summed gradient ranks the entries of a budgeted round."""
     seed: int = 0
     progress: bool = False
     """Show a tqdm bar."""
@@ -306,7 +306,7 @@ class AdapterDistiller:
         if base is not None:
             set_peft_model_state_dict(student, dict(base))
         bases = [p.detach().clone() for p in params]
-        saliency = [torch.zeros_like(p) for p in params]
+        grad_sum = [torch.zeros_like(p) for p in params]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         share = slice(par.rank, None, par.world_size)
         for _ in range(cfg.saliency_batches):
@@ -317,9 +317,12 @@ class AdapterDistiller:
             for p in params:
                 p.grad = None
             loss.backward()  # DDP averages: every rank ranks the same gradients
-            for acc, p in zip(saliency, params, strict=True):
+            for acc, p in zip(grad_sum, params, strict=True):
                 if p.grad is not None:
-                    acc += p.grad.abs()
+                    acc += p.grad
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        saliency = [torch.zeros_like(g) if sparse_delta.is_lora_a(n) else g.abs()
+                    for n, g in zip(names, grad_sum, strict=True)]
         masks = sparse_delta.top_entries(saliency, k)
         with torch.no_grad():
             for p, c in zip(params, current, strict=True):

@@ -38,6 +38,15 @@ class Quota:
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A device's unclaimed samples."""
+
+    samples: int
+    newest_at: float
+    """Wall-clock time (time.time()) at which the newest of them was stored."""
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A distillation round over the samples it claimed; its state survives restarts."""
 
@@ -121,8 +130,8 @@ class Store(Protocol):
         """
         ...
 
-    def pending_by_device(self) -> dict[str, int]:
-        """Unclaimed samples per device."""
+    def pending_by_device(self) -> dict[str, Pending]:
+        """Unclaimed samples per device (devices without any are absent)."""
         ...
 
     # -- jobs -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cloud.store import files
-from cloud.store.base import Head, Job, NewUpdate, Quota, Signer, StateDict
+from cloud.store.base import Head, Job, NewUpdate, Pending, Quota, Signer, StateDict
 from shared.errors import (
     ConfigError,
     NotFoundError,
@@ -307,13 +307,15 @@ class SqliteStore:
             raise WireFormatError(
                 f"upload_id: {upload_id!r} was already used for a different payload")
 
-    def pending_by_device(self) -> dict[str, int]:
-        """Unclaimed samples per device."""
+    def pending_by_device(self) -> dict[str, Pending]:
+        """Unclaimed samples per device (devices without any are absent)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT device_id, COUNT(*) FROM samples WHERE job_id IS NULL GROUP BY device_id"
+                "SELECT s.device_id, COUNT(*), MAX(u.created_at) FROM samples s"
+                " JOIN uploads u ON u.device_id = s.device_id AND u.upload_id = s.upload_id"
+                " WHERE s.job_id IS NULL GROUP BY s.device_id"
             ).fetchall()
-        return {str(d): int(n) for d, n in rows}
+        return {str(d): Pending(int(n), float(t)) for d, n, t in rows}
 
     # -- jobs -----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,6 +75,23 @@ def test_round_publishes_a_signed_update_that_decodes_to_the_trained_adapter(
     assert _rel({k: decoded[k] - initial[k] for k in initial}, delta) < 0.15
     status = w._store.status("cam-01")
     assert (status.pending_samples, status.rounds, status.latest_version) == (0, 1, 1)
+
+
+def test_quiet_period_turns_a_burst_of_uploads_into_one_round(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    w = _worker(tmp_path, quiet_s=60.0, max_samples_per_job=12)
+    _upload(w, "cam-01", 0)
+    assert w.run_once() == 0  # due, but the device is still uploading
+    _upload(w, "cam-01", 4)
+    assert w._store.pending_by_device()["cam-01"].samples == 8
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert w.run_once() == 1
+    assert w._store.status("cam-01").pending_samples == 0  # both uploads in the one round
+    monkeypatch.undo()
+    for first in (8, 12, 16):
+        _upload(w, "cam-01", first)
+    assert w.run_once() == 1  # a full job does not wait for the quiet period
 
 
 def test_error_feedback_keeps_the_device_mirror_at_target_minus_residual(tmp_path: Path) -> None:

@@ -265,6 +265,20 @@ def test_budgeted_round_changes_exactly_k_entries_and_still_learns(pair) -> None
     assert result.metrics["ce_last"] < result.metrics["ce_first"]
 
 
+def test_budgeted_round_on_an_applied_update_moves_only_lora_b(pair) -> None:
+    """After an update made B non-zero, A has gradients too; a budgeted round still leaves it."""
+    _, fmt, samples, labels = pair
+    student = _student()
+    dense = AdapterDistiller(AKDConfig(steps=20, batch_size=4, lr=5e-2)).fit(
+        student, None, samples, formatter=fmt, labels=labels)
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in dense.adapter.items())
+    cfg = AKDConfig(steps=5, batch_size=4, lr=5e-3, delta_entries=30, saliency_batches=2)
+    result = AdapterDistiller(cfg).fit(student, None, samples, formatter=fmt, labels=labels)
+    delta = _delta(result.adapter, dense.adapter)
+    assert all(not d.any() for k, d in delta.items() if ".lora_A." in k)
+    assert 0 < sum(int((d != 0).sum()) for d in delta.values()) <= 30
+
+
 def test_budgeted_resume_ranks_against_the_round_base(pair) -> None:
     """A resumed round (student restored mid-round, `base` given) trains the same entries."""
     _, fmt, samples, labels = pair
