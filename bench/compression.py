@@ -54,6 +54,35 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def prefill_peak_bytes(device: torch.device, fn: Callable[[], Any]) -> int:
+    """Peak bytes the torch allocator held above the start while `fn` ran.
+
+    CUDA: the allocator's own peak counter. CPU has none, so the profiler's allocation events
+    are replayed in time order (an op's own allocations at its start, frees when they happen);
+    an allocation made and freed inside one kernel, without a child op, is not seen.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.time_range.start, e.cpu_memory_usage if e.name == "[memory]"
+         else e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.name == "[memory]" or e.self_cpu_memory_usage > 0)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def _kv_bytes(cache: Any) -> int:
     """Bytes held by a transformers Cache (keys + values of every layer)."""
     total = 0
@@ -87,20 +116,26 @@ class BatchStats:
     prompt_tokens: int
     kv_bytes: int
     peak_bytes: int | None
+    prefill_peak_bytes: int | None = None
+    """Allocator peak of the prefill alone (measured in a separate, untimed pass)."""
 
 
 def run_pre_llm(model: Any, compressor: Any, inputs: dict[str, Any], max_new_tokens: int,
-                pad_id: int, device: torch.device, original_positions: bool = False
-                ) -> tuple[torch.Tensor, BatchStats]:
-    """Answer one batch with a pre-LLM compressor, timing every stage separately."""
+                pad_id: int, device: torch.device, original_positions: bool = False,
+                memory: bool = False) -> tuple[torch.Tensor, BatchStats]:
+    """Answer one batch with a pre-LLM compressor, timing every stage separately (`memory`:
+    also the prefill's allocator peak, in an extra untimed prefill)."""
     cv = CompressedVLM(model, compressor, original_positions=original_positions)
     with torch.no_grad():
         items, t_enc = _timed(device, lambda: cv.encode(inputs))
         keeps, t_sel = _timed(device, lambda: cv.select(items))
         ci = cv.build(inputs, items, keeps)
-        # LLM prefill alone: the compressed prompt through the decoder, last-position logits
-        _, t_pre = _timed(device, lambda: model(**ci.model_kwargs(), use_cache=True,
-                                                logits_to_keep=1))
+
+        def prefill() -> Any:  # the compressed prompt through the decoder, last-position logits
+            return model(**ci.model_kwargs(), use_cache=True, logits_to_keep=1)
+
+        _, t_pre = _timed(device, prefill)
+        pre_peak = prefill_peak_bytes(device, prefill) if memory else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         gen, t_gen = _timed(device, lambda: cv.generate(
@@ -110,12 +145,12 @@ def run_pre_llm(model: Any, compressor: Any, inputs: dict[str, Any], max_new_tok
     assert ci.visual_tokens_in is not None and ci.visual_tokens_kept is not None
     stats = BatchStats(t_enc, t_sel, t_pre, t_gen, int(ci.visual_tokens_in.sum()),
                        int(ci.visual_tokens_kept.sum()), int(ci.attention_mask.sum()),
-                       _kv_bytes(gen.output.past_key_values), peak)
+                       _kv_bytes(gen.output.past_key_values), peak, pre_peak)
     return gen.new_tokens, stats
 
 
 def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
-               max_new_tokens: int, pad_id: int, device: torch.device
+               max_new_tokens: int, pad_id: int, device: torch.device, memory: bool = False
                ) -> tuple[torch.Tensor, BatchStats]:
     """Answer one batch with SparseVLM pruning inside the decoder (all tokens enter the LLM;
     `visual_kept` is then the official "equivalent" count: mean visual tokens over layers)."""
@@ -127,9 +162,12 @@ def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
     with torch.no_grad(), SparseVLMPruner(cfg).attach(model) as pruner:
         items, t_enc = _timed(device, lambda: cv.encode(inputs))
         ci = cv.build(inputs, items, cv.select(items))
-        _, t_pre = _timed(device, lambda: model(**ci.model_kwargs(), **grids, use_cache=True,
-                                                logits_to_keep=1))
+        def prefill() -> Any:
+            return model(**ci.model_kwargs(), **grids, use_cache=True, logits_to_keep=1)
+
+        _, t_pre = _timed(device, prefill)
         equivalent = pruner.trace.equivalent_tokens if pruner.trace else math.nan
+        pre_peak = prefill_peak_bytes(device, prefill) if memory else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out, t_gen = _timed(device, lambda: model.generate(
@@ -141,17 +179,19 @@ def run_in_llm(model: Any, method: str, ratio: float, inputs: dict[str, Any],
     assert ci.visual_tokens_in is not None
     stats = BatchStats(t_enc, 0.0, t_pre, t_gen, int(ci.visual_tokens_in.sum()),
                        round(equivalent * b), int(ci.attention_mask.sum()),
-                       _kv_bytes(out.past_key_values), peak)
+                       _kv_bytes(out.past_key_values), peak, pre_peak)
     return out.sequences[:, ci.input_ids.shape[1]:], stats
 
 
 def run_method(model: Any, method: str, ratio: float, comp: Any, inputs: dict[str, Any],
                max_new_tokens: int, pad_id: int, device: torch.device,
-               original_positions: bool = False) -> tuple[torch.Tensor, BatchStats]:
+               original_positions: bool = False, memory: bool = False
+               ) -> tuple[torch.Tensor, BatchStats]:
     """Dispatch on the method's stage."""
     if method in IN_LLM_METHODS:
-        return run_in_llm(model, method, ratio, inputs, max_new_tokens, pad_id, device)
-    return run_pre_llm(model, comp, inputs, max_new_tokens, pad_id, device, original_positions)
+        return run_in_llm(model, method, ratio, inputs, max_new_tokens, pad_id, device, memory)
+    return run_pre_llm(model, comp, inputs, max_new_tokens, pad_id, device, original_positions,
+                       memory)
 
 
 def _summary(stats: list[BatchStats], n_samples: int) -> dict[str, Any]:
@@ -159,6 +199,7 @@ def _summary(stats: list[BatchStats], n_samples: int) -> dict[str, Any]:
         return sum(xs) / n_samples
 
     peaks = [s.peak_bytes for s in stats if s.peak_bytes is not None]
+    prefill_peaks = [s.prefill_peak_bytes for s in stats if s.prefill_peak_bytes is not None]
     return {
         "encode_ms_per_sample": 1e3 * per_sample([s.encode_s for s in stats]),
         "compressor_ms_per_sample": 1e3 * per_sample([s.select_s for s in stats]),
@@ -170,6 +211,7 @@ def _summary(stats: list[BatchStats], n_samples: int) -> dict[str, Any]:
         "prompt_tokens_to_llm_per_sample": per_sample([s.prompt_tokens for s in stats]),
         "kv_cache_bytes_per_sample": per_sample([s.kv_bytes for s in stats]),
         "peak_cuda_bytes": max(peaks) if peaks else None,
+        "prefill_peak_bytes": max(prefill_peaks) if prefill_peaks else None,
     }
 
 
@@ -288,18 +330,23 @@ def scale_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
     grid = _grid(args.methods)
     comps = [build_compressor(m, r) for m, r in grid]
     stats: list[list[BatchStats]] = [[] for _ in grid]
+    prefill_peaks: list[int | None] = [None for _ in grid]
     # Round-robin over configurations, first round discarded as warm-up: other processes on a
     # shared machine then slow every configuration alike; per-config minima are reported.
+    # The warm-up round also measures each prefill's allocator peak (profiled, so untimed).
     for rep in range(args.scale_repeats + 1):
         for i, comp in enumerate(comps):
             one = run_method(model, grid[i][0], grid[i][1], comp, inputs, args.max_new_tokens,
-                             0, device)[1]
+                             0, device, memory=rep == 0)[1]
             if rep:
                 stats[i].append(one)
+            else:
+                prefill_peaks[i] = one.prefill_peak_bytes
         gc.collect()
     runs = []
-    for (method, ratio), st in zip(grid, stats, strict=True):
-        row = {"method": method, "keep_ratio": ratio, **_summary(st, len(st))}
+    for (method, ratio), st, pre_peak in zip(grid, stats, prefill_peaks, strict=True):
+        row = {"method": method, "keep_ratio": ratio, **_summary(st, len(st)),
+               "prefill_peak_bytes": pre_peak}
         row["prefill_ms_min"] = 1e3 * min(s.prefill_s for s in st)
         row["prefill_ms_median"] = 1e3 * statistics.median(s.prefill_s for s in st)
         row["compressor_ms_min"] = 1e3 * min(s.select_s for s in st)
@@ -354,6 +401,15 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
             "fraction_of_compressed_prefill": cost,
             "fraction_of_full_prefill": v25["compressor_ms_min"] / full[key],
             "met": bool(cost <= 0.02)}
+    if sc and full and full.get("prefill_peak_bytes"):
+        # SparseVLM computes only its raters' attention rows: no L x L map beside SDPA's
+        pruned = {f"{r['keep_ratio']:g}": r["prefill_peak_bytes"] for r in sc["runs"]
+                  if r["method"] == "sparsevlm" and r["keep_ratio"] < 1.0
+                  and r.get("prefill_peak_bytes") is not None}
+        if pruned:
+            out["scale_sparsevlm_prefill_peak_le_unpruned"] = {
+                "unpruned_bytes": full["prefill_peak_bytes"], "sparsevlm_bytes": pruned,
+                "met": all(b <= full["prefill_peak_bytes"] for b in pruned.values())}
     return out
 
 

@@ -74,7 +74,7 @@ def _check_video(features: torch.Tensor, tokens_per_frame: int) -> int:
 
 
 def _kernel(z: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    d2 = ((z - centre) ** 2).sum(-1)  # (F, M)
+    d2 = (z - centre).square_().sum(-1)  # (F, M)
     # Python sum in the upstream alpha order: the float result depends on the order.
     return sum(torch.exp(-d2 / (2 * a)) for a in ALPHAS)  # type: ignore[return-value]
 
@@ -98,7 +98,12 @@ def vidcom2_scores(
     check_keep_ratio(keep_ratio)
     t = _check_video(features, tokens_per_frame)
     m = tokens_per_frame
-    var = features.var(0, unbiased=False)  # (D,)
+    # two-pass variance: equal to upstream's torch.var(0, unbiased=False) up to float rounding
+    # (which torch's own reduction also varies in with the thread count), ~7x faster on CPU,
+    # where torch.var took 60% of VidCom2's time on a 16-frame video
+    n = features.shape[0]
+    centred = features - features.sum(0) / n  # (N, D)
+    var = centred.square_().sum(0) / n  # (D,)
     n_ch = max(1, int(features.shape[1] * channel_ratio))
     chans = torch.topk(var, n_ch, largest=False).indices  # (C,)
     # index_select: same values as features[:, chans], ~15x faster on CPU for column gathers

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import compression
 
@@ -28,6 +29,8 @@ def test_scale_part_writes_report_and_plot(tmp_path: Path, capsys: pytest.Captur
     assert runs[("vidcom2_exact", 0.25)]["visual_tokens_to_llm_per_sample"] == 98 + 1
     assert runs[("vidcom2_exact", 0.15)]["kv_cache_bytes_per_sample"] < runs[("none", 1.0)][
         "kv_cache_bytes_per_sample"]
+    assert 0 < runs[("vidcom2_exact", 0.15)]["prefill_peak_bytes"] < runs[("none", 1.0)][
+        "prefill_peak_bytes"]
     g = report["goals"]["scale_prefill_speedup_25"]
     assert g["ideal_token_ratio"] == pytest.approx((393 + 33) / (99 + 33))
     assert g["met"] == (g["fraction_of_ideal"] >= 0.9)
@@ -43,3 +46,19 @@ def test_accuracy_goals_arithmetic() -> None:
     beats = g["video_vidcom2_25_beats_baselines"]
     assert beats["met"] is False
     assert beats["margin"]["random"] == pytest.approx(0.095)
+
+
+def test_prefill_peak_bytes_replays_cpu_allocations_in_order() -> None:
+    def overlapping() -> torch.Tensor:
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(2 << 20)  # 8 MiB, while a is alive
+        return (a.sum() + b.sum()).detach()
+
+    def sequential() -> None:
+        for n in (1 << 20, 2 << 20):
+            torch.ones(n).sum()  # each freed before the next
+
+    cpu = torch.device("cpu")
+    mib = 1 << 20
+    assert 12 * mib <= compression.prefill_peak_bytes(cpu, overlapping) < 13 * mib
+    assert 8 * mib <= compression.prefill_peak_bytes(cpu, sequential) < 9 * mib
