@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also rerun the loop in ablation variants (about 12 more minutes)")
     parser.add_argument("--variants", help="comma-separated subset of the ablation variants "
                         "(default: all; implies --ablations)")
+    parser.add_argument("--ablation-rounds", type=int,
+                        help="rounds per ablation variant (default 2, at most --rounds)")
     args = parser.parse_args(argv)
     from demo.ablations import NAMES
 
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     kw: dict[str, Any] = {"trainer": args.trainer}
     if args.rounds is not None:
         kw["rounds"] = args.rounds
+    if args.ablation_rounds is not None:
+        kw["ablation_rounds"] = args.ablation_rounds
     cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
     with tempfile.TemporaryDirectory(prefix="cdca-demo-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -1,7 +1,7 @@
 """`python -m demo --ablations`: the loop rerun with one setting changed at a time.
 
 Each variant is a fresh `adapt` run (new certificates, stores and device state) of
-`ABLATION_ROUNDS` rounds, evaluated with the default demo's held-out sets:
+`DemoConfig.ablation_rounds` rounds, evaluated with the default demo's held-out sets:
 
 - uplink selection: UTS (default) vs random at UTS's measured upload rate and the same per-sample
   token byte budget vs uploading every sample;
@@ -27,8 +27,6 @@ from demo.evaluation import Evaluator
 from demo.loop import DEVICES, Adaptation, DemoConfig, Variant, adapt
 
 log = logging.getLogger("demo")
-ABLATION_ROUNDS = 2
-"""Rounds per variant, so that seven variants fit in 15 minutes on 2 cores."""
 UNCAPPED_TOKEN_BYTES = 1 << 24
 """A per-sample token budget no sample reaches: every kept token goes up."""
 AKD_CE_ONLY = {"akd": {"kl_weight": 0.0, "feature_weight": 0.0}}
@@ -124,12 +122,12 @@ def summarize(run: Adaptation, ev: Evaluator, student: dict[str, float], v: Vari
 
 def run_ablations(workdir: Path, cfg: DemoConfig, zoo: Any, ev: Evaluator,
                   student: dict[str, float], names: Sequence[str] = NAMES) -> dict[str, Any]:
-    """Every variant in `names` (in order) at `ABLATION_ROUNDS` rounds; the ablations dict.
+    """Every variant in `names` (in order) at `cfg.ablation_rounds` rounds; the ablations dict.
     `student`: the un-adapted student's accuracies (a device whose updates all rolled back)."""
     for n in names:
         if n not in NAMES:
             raise ValueError(f"ablation variant {n!r}: expected one of {NAMES}")
-    acfg = dataclasses.replace(cfg, rounds=min(cfg.rounds, ABLATION_ROUNDS))
+    acfg = dataclasses.replace(cfg, rounds=min(cfg.rounds, cfg.ablation_rounds))
     done: dict[str, dict[str, Any]] = {}
     full: list[int] = []
     for n in names:

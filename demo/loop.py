@@ -59,9 +59,13 @@ class DemoConfig:
     (48,719 bytes, `bench.akd`); None: the daemon's default energy-share codec."""
     zoo: str = "default"
     batch_size: int = 4
+    ablation_rounds: int = 2
+    """Rounds per ablation variant (at most `rounds`): 2 fits seven variants in 15 minutes on
+    2 cores; the goals speak of 3 (`--ablation-rounds 3 --variants uts,random`)."""
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "samples_per_round", "eval_samples", "trainer_steps"):
+        for name in ("rounds", "samples_per_round", "eval_samples", "trainer_steps",
+                     "ablation_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"field `{name}`: must be >= 1, got {getattr(self, name)}")
 
