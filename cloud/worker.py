@@ -130,8 +130,9 @@ class DistillWorker:
     def _due(self, need: int) -> list[tuple[str, tuple[str, ...]]]:
         pending = self._store.pending_by_device()
         if self._settings.cohort == FLEET:
-            ready = pending and self._ready(list(pending.values()), need)
-            return [(FLEET, tuple(sorted(pending)))] if ready else []
+            if pending and self._ready(list(pending.values()), need):
+                return [(FLEET, tuple(sorted(pending)))]
+            return []
         return [(device_cohort(d), (d,)) for d, p in sorted(pending.items())
                 if self._ready([p], need)]
 
