@@ -32,7 +32,8 @@ class Metrics:
         self.queue_depth = Gauge(
             "cdca_pending_samples", "Samples waiting for a distillation round", registry=r)
         self.rounds = Counter(
-            "cdca_distill_rounds", "Distillation jobs by outcome (done, failed, interrupted)",
+            "cdca_distill_rounds",
+            "Distillation jobs by outcome (done, withheld, failed, interrupted)",
             ["outcome"], registry=r)
         self.round_seconds = Histogram(
             "cdca_distill_round_seconds", "Wall time of a finished distillation round",

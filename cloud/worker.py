@@ -167,6 +167,12 @@ class DistillWorker:
                 self._store.fail_job(job.job_id, f"{type(e).__name__}: {e}")
                 self._metrics.rounds.labels("failed").inc()
             return 0
+        if result.withheld is not None:
+            self._store.withhold_job(job.job_id, result.withheld)
+            self._metrics.rounds.labels("withheld").inc()
+            log.info("round withheld: %s", result.withheld, extra={
+                "job_id": job.job_id, "samples": len(samples)})
+            return 0
         headers = self._publish(job, result.adapter, dict(result.metrics))
         elapsed = time.monotonic() - started
         self._metrics.rounds.labels("done").inc()

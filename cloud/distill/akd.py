@@ -184,6 +184,36 @@ def _generate(
     return generated[: int(ends[0]) + 1] if ends.numel() else generated
 
 
+@torch.no_grad()
+def answer_nll(
+    student: nn.Module, samples: Sequence[DistillSample], labels: Sequence[TeacherLabel],
+    formatter: PromptFormatter, batch_size: int = 16,
+) -> float:
+    """Mean cross-entropy of the teachers' answer tokens under `student` (eval mode): how well
+    it agrees with the teacher on samples it was not trained on."""
+    if not samples:
+        raise ConfigError("`samples` is empty; nothing to score")
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(samples), batch_size):
+            end = start + batch_size
+            chunk, chunk_labels = samples[start:end], labels[start:end]
+            batch = pack(formatter, [s.question for s in chunk],
+                         [s.visual_tokens.shape[0] for s in chunk],
+                         [t.answer_ids for t in chunk_labels], [s.positions for s in chunk])
+            logits, _ = _forward(student, batch, chunk)  # (B, L, V)
+            s_logits = torch.cat([logits[i, p] for i, p in enumerate(batch.answer_positions)])
+            targets = torch.cat(batch.answer_ids).to(s_logits.device)  # (N,)
+            total += float(torch.nn.functional.cross_entropy(
+                s_logits.float(), targets, reduction="sum"))
+            count += int(targets.numel())
+    finally:
+        student.train(was_training)
+    return total / count
+
+
 class AdapterDistiller:
     """AKD into a peft student (registry key "akd")."""
 

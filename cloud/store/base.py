@@ -164,6 +164,10 @@ class Store(Protocol):
         """Give up on a job; its samples stay with it and are no longer pending."""
         ...
 
+    def withhold_job(self, job_id: str, reason: str) -> None:
+        """Finish a job without publishing anything; its samples stay with it (consumed)."""
+        ...
+
     # -- updates --------------------------------------------------------------------------
     def initial_adapter(self) -> StateDict | None:
         """The shipped adapter (version 0), once recorded."""

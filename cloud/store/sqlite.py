@@ -218,8 +218,11 @@ class SqliteStore:
             latest = self._db.execute(
                 f"SELECT COALESCE(MAX(version), 0) FROM updates WHERE device_id=?"
                 f" AND status IN {_LIVE}", (device_id,)).fetchone()[0]
+            # finished rounds that distilled this device's samples, published or withheld
             rounds = self._db.execute(
-                "SELECT COUNT(*) FROM updates WHERE device_id=?", (device_id,)).fetchone()[0]
+                "SELECT COUNT(*) FROM jobs WHERE state='done' AND EXISTS"
+                " (SELECT 1 FROM json_each(jobs.devices) WHERE value=?)",
+                (device_id,)).fetchone()[0]
             stored = self._db.execute(
                 "SELECT COUNT(*) FROM samples WHERE device_id=?", (device_id,)).fetchone()[0]
             pending = self._pending(device_id)[0]
@@ -404,6 +407,15 @@ class SqliteStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state='failed', reason=?, finished_at=? WHERE job_id=?",
                        (reason[:2000], time.time(), job_id))
+
+    def withhold_job(self, job_id: str, reason: str) -> None:
+        """Finish a job without publishing anything; its samples stay with it (consumed)."""
+        with self._tx() as db:
+            old = db.execute("SELECT checkpoint FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+            db.execute("UPDATE jobs SET state='done', checkpoint=NULL, reason=?, finished_at=?"
+                       " WHERE job_id=?", (reason[:2000], time.time(), job_id))
+        if old and old[0]:
+            (self._dirs["jobs"] / old[0]).unlink(missing_ok=True)
 
     # -- updates --------------------------------------------------------------------------
 

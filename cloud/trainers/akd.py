@@ -21,6 +21,7 @@ starts without them.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ class AkdTrainerConfig:
     threads_per_rank: int = 1
     checkpoint_every: int = 10
     """Steps between checkpoints of an in-process round (its last step always checkpoints)."""
+    holdout_share: float = 0.0
+    """Share of a round's uploads kept out of training (chosen by sample-id hash) to check the
+    new adapter: a round whose teacher-label cross-entropy on them does not fall is withheld,
+    not published. Devices cannot see their own domain's accuracy (no labels); this check can.
+    0: off. In-process rounds only (`nproc_per_node` 1)."""
     akd: dict[str, Any] = field(default_factory=dict)
     """Further AKDConfig options (temperature, loss weights, ...)."""
     labelling: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +94,11 @@ class AkdTrainerConfig:
             raise ConfigError(f"`lr` must be > 0, got {self.lr}")
         if not 0.0 <= self.replay_ratio < 1.0:
             raise ConfigError(f"`replay_ratio` must be in [0, 1), got {self.replay_ratio}")
+        if not 0.0 <= self.holdout_share < 1.0:
+            raise ConfigError(f"`holdout_share` must be in [0, 1), got {self.holdout_share}")
+        if self.holdout_share > 0 and self.nproc_per_node > 1:
+            raise ConfigError("`holdout_share` > 0 needs in-process rounds (`nproc_per_node` 1), "
+                              f"got nproc_per_node {self.nproc_per_node}")
         self.replay_config()
         for name in ("akd", "labelling"):
             clash = {"steps", "lr", "batch_size", "replay_ratio", "seed"} & set(getattr(self, name))
@@ -98,6 +109,19 @@ class AkdTrainerConfig:
         """What the replay pool holds."""
         return ReplayConfig(samples=self.replay_samples, domain=self.replay_domain,
                             seed=self.replay_seed)
+
+
+def holdout_split(samples: list[Any], share: float) -> tuple[list[Any], list[Any]]:
+    """(train, held out): about `share` of the samples, those whose sha256(sample_id) is lowest,
+    so a resumed round holds out the same ones. Rounds under 4 samples hold none out."""
+    n_held = min(round(share * len(samples)), len(samples) - 1) if len(samples) >= 4 else 0
+    if n_held == 0:
+        return list(samples), []
+    ranked = sorted(range(len(samples)),
+                    key=lambda i: hashlib.sha256(samples[i].sample_id.encode()).digest())
+    held = set(ranked[:n_held])
+    return ([s for i, s in enumerate(samples) if i not in held],
+            [s for i, s in enumerate(samples) if i in held])
 
 
 class AkdTrainer:
@@ -172,9 +196,10 @@ class AkdTrainer:
         steps = self.cfg.steps
         restored = ctx.restore()
         start, weights = (0, adapter) if restored is None else restored
+        all_distill = [DistillSample.from_upload(s) for s in samples]
+        distill, held = holdout_split(all_distill, self.cfg.holdout_share)
         if start >= steps:
-            return TrainResult(adapter=weights, metrics={"restored": 1.0})
-        distill = [DistillSample.from_upload(s) for s in samples]
+            return self._checked(adapter, weights, held, {"restored": 1.0})
         labels, hits = self._labels([*distill, *self._replay])
         labels, replay_labels = labels[:len(distill)], labels[len(distill):]
         set_peft_model_state_dict(self._student, weights)
@@ -191,7 +216,30 @@ class AkdTrainer:
         ctx.checkpoint(steps, result.adapter)
         metrics = {**result.metrics, "start_step": float(start),
                    "label_hit_rate": hits / (len(distill) + len(self._replay))}
-        return TrainResult(adapter=dict(result.adapter), metrics=metrics)
+        return self._checked(adapter, dict(result.adapter), held, metrics)
+
+    def _checked(self, base: StateDict, new: StateDict, held: list[Any],
+                 metrics: dict[str, float]) -> TrainResult:
+        """The round's result, withheld when it does not lower the held-out uploads' loss."""
+        if not held:
+            return TrainResult(adapter=new, metrics=metrics)
+        from peft import set_peft_model_state_dict
+
+        from cloud.distill import answer_nll
+
+        labels, _ = self._labels(held)
+        nll = []
+        for weights in (base, new):
+            set_peft_model_state_dict(self._student, weights)
+            nll.append(answer_nll(self._student, held, labels, self._formatter))
+        set_peft_model_state_dict(self._student, new)
+        metrics = {**metrics, "holdout_samples": float(len(held)),
+                   "holdout_nll_before": nll[0], "holdout_nll_after": nll[1]}
+        withheld = None
+        if not nll[1] < nll[0]:
+            withheld = (f"held-out uploads' teacher-label cross-entropy did not fall: "
+                        f"{nll[0]:.4f} -> {nll[1]:.4f} on {len(held)} samples")
+        return TrainResult(adapter=new, metrics=metrics, withheld=withheld)
 
     def _replay_pool(self, base: Any, student_dir: str) -> list[Any]:
         """Source samples encoded by the student's (shared) vision tower; [] without replay."""

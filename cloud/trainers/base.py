@@ -42,6 +42,9 @@ class TrainResult:
 
     adapter: StateDict
     metrics: Mapping[str, float]
+    withheld: str | None = None
+    """Why the round's adapter must not be published (e.g. it did worse on held-out uploads);
+    None: publish it."""
 
 
 class Trainer(Protocol):

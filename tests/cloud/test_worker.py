@@ -94,6 +94,36 @@ def test_quiet_period_turns_a_burst_of_uploads_into_one_round(tmp_path: Path,
     assert w.run_once() == 1  # a full job does not wait for the quiet period
 
 
+class _Withholding:
+    """The tiny trainer, but every round is judged no better than its start."""
+
+    def __init__(self) -> None:
+        self._inner = TinyKdTrainer(TINY)
+        self.base_model_hash = self._inner.base_model_hash
+
+    def initial_adapter(self) -> dict[str, torch.Tensor]:
+        return self._inner.initial_adapter()
+
+    def check_sample(self, sample: UploadSample) -> None:
+        self._inner.check_sample(sample)
+
+    def train(self, adapter: dict[str, torch.Tensor], samples: Sequence[UploadSample],
+              ctx: JobContext) -> TrainResult:
+        result = self._inner.train(adapter, samples, ctx)
+        return TrainResult(result.adapter, result.metrics, withheld="no better on held-out")
+
+
+def test_withheld_round_consumes_its_samples_and_publishes_nothing(tmp_path: Path) -> None:
+    w = _worker(tmp_path, trainer=_Withholding())
+    _upload(w, "cam-01", 0)
+    assert w.run_once() == 0
+    status = w._store.status("cam-01")
+    assert (status.pending_samples, status.rounds, status.latest_version) == (0, 1, 0)
+    assert w._store.update_for("cam-01", 0) is None
+    assert w._store.open_jobs() == []
+    assert w.run_once() == 0  # nothing left to distil
+
+
 def test_error_feedback_keeps_the_device_mirror_at_target_minus_residual(tmp_path: Path) -> None:
     w = _worker(tmp_path)
     codec = CODECS.build("dwc", CODEC)

@@ -128,6 +128,33 @@ def test_interrupted_round_resumes_from_its_checkpoint(zoo: ZooPaths, tmp_path: 
     assert all(torch.equal(again.adapter[k], done.adapter[k]) for k in start)
 
 
+def test_holdout_check_withholds_a_round_that_does_not_lower_held_out_loss(
+        zoo: ZooPaths, tmp_path: Path) -> None:
+    trainer = TRAINERS.build("akd", {
+        "student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
+        "work_dir": str(tmp_path / "akd"), "steps": 2, "batch_size": 2, "holdout_share": 0.5,
+        "labelling": {"max_new_tokens": 4}})
+    student = load_student(StudentConfig(zoo.student))
+    items = P.batch("blur", 4, seed=5)
+    results = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3).run(
+        [s.frames for s in items], [s.question for s in items], [s.sample_id for s in items])
+    uploads = [UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
+        r.features, r.record.keep, r.grid, "projected", "float16"))
+        for s, r in zip(items, results, strict=True)]
+    start = trainer.initial_adapter()
+    trained = trainer.train(start, uploads, _Ctx())
+    assert trained.metrics["holdout_samples"] == 2.0
+    assert trained.metrics["samples"] == 2.0  # the held-out half never trained
+    before, after = trained.metrics["holdout_nll_before"], trained.metrics["holdout_nll_after"]
+    assert (trained.withheld is None) == (after < before)
+    # a round that ends where it started (here: a resumed job whose checkpoint is the start)
+    ctx = _Ctx()
+    ctx.saved = (2, start)
+    same = trainer.train(start, uploads, ctx)
+    assert same.withheld is not None and "did not fall" in same.withheld
+    assert same.metrics["holdout_nll_after"] == same.metrics["holdout_nll_before"] == before
+
+
 def test_round_on_zoo_models_reaches_the_device(zoo: ZooPaths, tmp_path: Path) -> None:
     server = start_cloud(tmp_path, worker={
         "threshold_samples": 4, "schedule_s": 3600.0, "trainer": "akd",
