@@ -98,18 +98,23 @@ class _Ctx:
             raise JobInterrupted("stopping")
 
 
+def _blur_uploads(zoo: ZooPaths, n: int) -> list[UploadSample]:
+    """What the device-agent uploads for `n` blur videos: its VidCom2-kept projected tokens."""
+    student = load_student(StudentConfig(zoo.student))
+    items = P.batch("blur", n, seed=5)
+    results = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3).run(
+        [s.frames for s in items], [s.question for s in items], [s.sample_id for s in items])
+    return [UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
+        r.features, r.record.keep, r.grid, "projected", "float16"))
+        for s, r in zip(items, results, strict=True)]
+
+
 def test_interrupted_round_resumes_from_its_checkpoint(zoo: ZooPaths, tmp_path: Path) -> None:
     trainer = TRAINERS.build("akd", {
         "student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
         "work_dir": str(tmp_path / "akd"), "steps": 6, "batch_size": 2, "lr": 5e-3,
         "checkpoint_every": 2, "labelling": {"max_new_tokens": 4}})
-    student = load_student(StudentConfig(zoo.student))
-    items = P.batch("blur", 3, seed=5)
-    results = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3).run(
-        [s.frames for s in items], [s.question for s in items], [s.sample_id for s in items])
-    uploads = [UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
-        r.features, r.record.keep, r.grid, "projected", "float16"))
-        for s, r in zip(items, results, strict=True)]
+    uploads = _blur_uploads(zoo, 3)
     start = trainer.initial_adapter()
     ctx = _Ctx(stop_at=2)
     with pytest.raises(JobInterrupted):
@@ -134,13 +139,7 @@ def test_holdout_check_withholds_a_round_that_does_not_lower_held_out_loss(
         "student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
         "work_dir": str(tmp_path / "akd"), "steps": 2, "batch_size": 2, "holdout_share": 0.5,
         "labelling": {"max_new_tokens": 4}})
-    student = load_student(StudentConfig(zoo.student))
-    items = P.batch("blur", 4, seed=5)
-    results = DeviceInference(student, COMPRESSORS.build("vidcom2", {}), 3).run(
-        [s.frames for s in items], [s.question for s in items], [s.sample_id for s in items])
-    uploads = [UploadSample(s.sample_id, "video", s.question, r.answer, 0.2, tokens=pack_tokens(
-        r.features, r.record.keep, r.grid, "projected", "float16"))
-        for s, r in zip(items, results, strict=True)]
+    uploads = _blur_uploads(zoo, 4)
     start = trainer.initial_adapter()
     trained = trainer.train(start, uploads, _Ctx())
     assert trained.metrics["holdout_samples"] == 2.0
