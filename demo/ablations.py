@@ -103,6 +103,7 @@ def summarize(run: Adaptation, ev: Evaluator, student: dict[str, float], v: Vari
             "downlink_bytes_per_round": sum(r["downlink_bytes"] for r in mine) / len(mine),
             "updates_applied": sum(r["updates_applied"] for r in mine),
             "rollbacks": sum(r["rollbacks"] for r in mine),
+            "withheld": sum(r.get("withheld", 0) for r in mine),
             "adapter_version": mine[-1]["adapter_version"],
         }
     devs = per_device.values()

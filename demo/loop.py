@@ -58,6 +58,12 @@ class DemoConfig:
     at 0.25 one demo run withheld 3 of 6 rounds (two of them color_cast rounds the devices
     would have rolled back) but trained on fewer uploads and ended lower (low_light 0.531,
     source 0.802, vs 0.562 / 0.875 without)."""
+    source_check_samples: int = 192
+    """Held-out source videos the cloud answers before publishing a round
+    (`[worker.trainer_options] source_check_samples`): a round that loses more than
+    `source_check_margin` on them is withheld, never sent (0: off). The goal allows 2 points of
+    source; the devices' 48-sample probe let rounds through that cost 3-4 points on 192."""
+    source_check_margin: float = 0.02
     delta_entries: int | None = 350
     """Budgeted AKD rounds: the adapter entries a round may change (None: all)."""
     downlink_budget_bytes: int | None = 974
@@ -81,6 +87,7 @@ class DemoConfig:
                       "calibration_samples": 8, "calibration_quantile": 0.2,
                       "probe_samples": 8, "trainer_steps": 8,
                       "trainer_lr": 1e-3, "delta_entries": None, "downlink_budget_bytes": None,
+                      "source_check_samples": 0,
                       "round_threshold": 100_000, "round_schedule_s": 1.0, "round_quiet_s": 0.0,
                       "rollback_margin": 0.05, **kw})
 
@@ -125,7 +132,9 @@ def trainer_options(cfg: DemoConfig, teacher: Path, student: Path, data: Path
         return {"student_dir": str(student), "teacher_dir": str(teacher),
                 "label_cache_dir": str(data / "labels"), "work_dir": str(data / "jobs"),
                 "steps": cfg.trainer_steps, "lr": cfg.trainer_lr, "batch_size": cfg.batch_size,
-                "holdout_share": cfg.holdout_share, "akd": budget}
+                "holdout_share": cfg.holdout_share,
+                "source_check_samples": cfg.source_check_samples,
+                "source_check_margin": cfg.source_check_margin, "akd": budget}
     return {}
 
 
@@ -188,12 +197,13 @@ def _wait_for_updates(devices: list[Device], uploaded: dict[str, int],
             st = d.status()
             out[d.device_id] = st
             if st["pending_samples"] == 0 and st["rounds"] > rounds_before[d.device_id]:
-                if st["latest_version"] > st["adapter_version"]:
+                st["withheld"] = st["latest_version"] <= st["adapter_version"]
+                if st["withheld"]:
+                    log.info("%s: cloud withheld round %d (it failed the cloud's checks)",
+                             d.device_id, st["rounds"])
+                else:
                     log.info("%s: cloud published v%d (round %d)", d.device_id,
                              st["latest_version"], st["rounds"])
-                else:
-                    log.info("%s: cloud withheld round %d (no better on held-out uploads)",
-                             d.device_id, st["rounds"])
                 waiting.remove(d)
         if waiting and time.monotonic() > deadline:
             log.warning("no update within %.0f s for %s", timeout_s,
@@ -269,7 +279,8 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
             devices.append(d)
             rows.append({"round": 0, "device": dev_id, "domain": domain, "samples_seen": 0,
                          "uploaded_samples": 0, "uplink_bytes": 0, "raw_frame_bytes": 0,
-                         "downlink_bytes": 0, "adapter_version": 0, "rollbacks": 0})
+                         "downlink_bytes": 0, "adapter_version": 0, "rollbacks": 0,
+                         "withheld": 0})
             snapshots[(dev_id, 0)] = None
         log.info("registered %s", [d.device_id for d in devices])
         seen = {d.device_id: 0 for d in devices}
@@ -304,6 +315,7 @@ def adapt(workdir: Path, cfg: DemoConfig, zoo: Any, variant: Variant = Variant()
                     "adapter_version": version,
                     "updates_applied": sum(e["msg"] == "update applied" for e in new_events),
                     "rollbacks": sum(e["msg"] == "update rolled back" for e in new_events),
+                    "withheld": int(cloud_view.get(d.device_id, {}).get("withheld", False)),
                     "rejected": sum(e["msg"] == "update rejected" for e in new_events),
                     "probes": [[e.get("previous_probe"), e.get("probe")] for e in new_events],
                     "cloud_rounds": cloud_view.get(d.device_id, {}).get("rounds"),

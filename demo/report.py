@@ -9,7 +9,7 @@ from typing import Any
 COLUMNS = ("round", "device", "domain", "acc_shifted", "acc_source", "served_shifted",
            "served_source", "samples_seen",
            "uploaded_samples", "uplink_bytes", "raw_frame_bytes", "downlink_bytes",
-           "adapter_version", "rollbacks", "round_s")
+           "adapter_version", "rollbacks", "withheld", "round_s")
 
 
 def _fmt(v: Any, column: str = "") -> str:
@@ -108,7 +108,7 @@ def ablation_table(ab: dict[str, Any]) -> str:
     devices = list(next(iter(ab["variants"].values()))["devices"].items())
     acc_cols = [f"{d} {info['domain']} / source" for d, info in devices]
     head = ["group", "variant", "changes", *acc_cols, "uploaded samples", "uplink bytes",
-            "uplink B/sample", "downlink B/round", "rollbacks"]
+            "uplink B/sample", "downlink B/round", "rollbacks", "withheld"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, names in ab["groups"].items():
         for n in names:
@@ -120,11 +120,12 @@ def ablation_table(ab: dict[str, Any]) -> str:
                 *(f"{d['acc_shifted']:.3f} / {d['acc_source']:.3f}" for d in ds),
                 str(v["uploaded_samples"]), str(v["uplink_bytes"]), f"{per_sample:.0f}",
                 f"{v['downlink_bytes_per_round']:.0f}", str(sum(d["rollbacks"] for d in ds)),
+                str(sum(d.get("withheld", 0) for d in ds)),
             ]) + " |")
     full = ab.get("full_adapter_fp16_bytes_per_round")
     if full is not None:
         lines.append("| downlink codec | full-adapter (computed) | every LoRA tensor in fp16 | "
-                     + " | ".join("-" for _ in devices) + f" | - | - | - | {full} | - |")
+                     + " | ".join("-" for _ in devices) + f" | - | - | - | {full} | - | - |")
     return "\n".join(lines)
 
 
@@ -224,7 +225,12 @@ def write(result: dict[str, Any], out: Path) -> dict[str, Path]:
         "the end of the round, evaluated on held-out samples of its shifted domain and of source "
         f"({s['eval_samples']} each). `samples_seen` is the "
         "stream position (cumulative); the other counts and bytes are per round; "
-        "`raw_frame_bytes` is what the uploaded samples' raw uint8 frames would have cost.", "",
+        "`raw_frame_bytes` is what the uploaded samples' raw uint8 frames would have cost; "
+        "`withheld`: the cloud finished the device's round but published nothing (a check "
+        "before publishing failed"
+        + (f": above all, losing more than {s['source_check_margin']:.2f} of accuracy on "
+           f"{s['source_check_samples']} held-out source videos" if s.get("source_check_samples")
+           else "") + ").", "",
         table(result["rows"]), "",
         "Device probe (source accuracy of the serving model before -> after each update, "
         f"{s['probe_samples']} samples; an update more than {s['rollback_margin']:.2f} worse is "

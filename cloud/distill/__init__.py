@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from cloud.distill.adapters import LoRASpec, attach_lora, student_lora_config
-from cloud.distill.akd import AdapterDistiller, AKDConfig, SingleProcess, answer_nll, label
+from cloud.distill.akd import (
+    AdapterDistiller,
+    AKDConfig,
+    SingleProcess,
+    answer_exact_match,
+    answer_nll,
+    label,
+)
 from cloud.distill.base import (
     DataParallel,
     Distiller,
@@ -20,5 +27,5 @@ DISTILLERS.register("akd", AKDConfig, AdapterDistiller)
 __all__ = [
     "AKDConfig", "AdapterDistiller", "DISTILLERS", "DataParallel", "DistillResult",
     "DistillSample", "Distiller", "LoRASpec", "PromptFormatter", "SingleProcess", "TeacherLabel",
-    "answer_nll", "attach_lora", "label", "student_lora_config",
+    "answer_exact_match", "answer_nll", "attach_lora", "label", "student_lora_config",
 ]

@@ -14,7 +14,10 @@ the same batches. With more ranks a round is a torchrun job (cloud/distributed/t
 checkpointed once at its end. Either way `replay_ratio` of every batch comes from a pool of
 procedural source-domain samples encoded by the student's vision tower when the trainer is built
 (cloud/distill/replay.py), labelled (teacher-forced on their true answers) and cached like
-uploads, so a round on a shifted domain forgets less of the source domain. peft and
+uploads, so a round on a shifted domain forgets less of the source domain. Before an
+in-process round is published it can be checked (`holdout_share`: teacher-label loss on uploads
+kept out of training; `source_check_samples`: exact-match accuracy on held-out source videos);
+a round that fails a check is returned withheld, and the worker publishes nothing. peft and
 transformers are imported only when the trainer is built, so a daemon with another trainer
 starts without them.
 """
@@ -80,6 +83,15 @@ class AkdTrainerConfig:
     new adapter: a round whose teacher-label cross-entropy on them does not fall is withheld,
     not published. Devices cannot see their own domain's accuracy (no labels); this check can.
     0: off. In-process rounds only (`nproc_per_node` 1)."""
+    source_check_samples: int = 0
+    """Procedural `source` videos (stream `source_check_seed`) the student answers with the
+    round's start and end adapters before the round is published: a round whose exact-match
+    accuracy on them falls by more than `source_check_margin` is withheld. What a device's
+    source probe would roll back, caught before a byte goes down and on more samples than a
+    device probes. 0: off. In-process rounds only (`nproc_per_node` 1)."""
+    source_check_margin: float = 0.02
+    source_check_seed: int = 8675
+    """A stream nothing else draws from (training is 1, the zoo's held-out set 999)."""
     akd: dict[str, Any] = field(default_factory=dict)
     """Further AKDConfig options (temperature, loss weights, ...)."""
     labelling: dict[str, Any] = field(default_factory=dict)
@@ -96,9 +108,16 @@ class AkdTrainerConfig:
             raise ConfigError(f"`replay_ratio` must be in [0, 1), got {self.replay_ratio}")
         if not 0.0 <= self.holdout_share < 1.0:
             raise ConfigError(f"`holdout_share` must be in [0, 1), got {self.holdout_share}")
-        if self.holdout_share > 0 and self.nproc_per_node > 1:
-            raise ConfigError("`holdout_share` > 0 needs in-process rounds (`nproc_per_node` 1), "
-                              f"got nproc_per_node {self.nproc_per_node}")
+        if self.source_check_samples < 0:
+            raise ConfigError("`source_check_samples` must be >= 0, got "
+                              f"{self.source_check_samples}")
+        if not 0.0 <= self.source_check_margin <= 1.0:
+            raise ConfigError("`source_check_margin` must be in [0, 1], got "
+                              f"{self.source_check_margin}")
+        for name in ("holdout_share", "source_check_samples"):
+            if getattr(self, name) > 0 and self.nproc_per_node > 1:
+                raise ConfigError(f"`{name}` > 0 needs in-process rounds (`nproc_per_node` 1), "
+                                  f"got nproc_per_node {self.nproc_per_node}")
         self.replay_config()
         for name in ("akd", "labelling"):
             clash = {"steps", "lr", "batch_size", "replay_ratio", "seed"} & set(getattr(self, name))
@@ -109,6 +128,11 @@ class AkdTrainerConfig:
         """What the replay pool holds."""
         return ReplayConfig(samples=self.replay_samples, domain=self.replay_domain,
                             seed=self.replay_seed)
+
+    def source_check_config(self) -> ReplayConfig:
+        """What the source check answers (encoded like the replay pool)."""
+        return ReplayConfig(samples=self.source_check_samples, domain="source",
+                            seed=self.source_check_seed)
 
 
 def holdout_split(samples: list[Any], share: float) -> tuple[list[Any], list[Any]]:
@@ -157,11 +181,18 @@ class AkdTrainer:
         self._student: Any = None
         self._formatter: Any = None
         self._replay: list[Any] = []
+        self._source_check: list[Any] = []
         if cfg.nproc_per_node == 1 or cfg.replay_ratio > 0:
             from cloud.distributed.job import load_checkpoint
 
             base, self._formatter = load_checkpoint(student)
-            self._replay = self._replay_pool(base, student)  # torchrun rounds get it exported
+            if cfg.replay_ratio > 0:  # torchrun rounds get it exported
+                self._replay = _encoded_source(base, student, cfg.replay_config(),
+                                               f"`replay_ratio` {cfg.replay_ratio}")
+            if cfg.source_check_samples > 0:
+                self._source_check = _encoded_source(
+                    base, student, cfg.source_check_config(),
+                    f"`source_check_samples` {cfg.source_check_samples}")
         if cfg.nproc_per_node == 1:
             from cloud.distill import attach_lora
             from cloud.labels import checkpoint_hash, prompt_digest
@@ -220,40 +251,39 @@ class AkdTrainer:
 
     def _checked(self, base: StateDict, new: StateDict, held: list[Any],
                  metrics: dict[str, float]) -> TrainResult:
-        """The round's result, withheld when it does not lower the held-out uploads' loss."""
-        if not held:
-            return TrainResult(adapter=new, metrics=metrics)
+        """The round's result, withheld when it does not lower the held-out uploads' loss or
+        when it costs more than `source_check_margin` of source accuracy."""
         from peft import set_peft_model_state_dict
 
-        from cloud.distill import answer_nll
+        from cloud.distill import answer_exact_match, answer_nll
 
-        labels, _ = self._labels(held)
-        nll = []
-        for weights in (base, new):
-            set_peft_model_state_dict(self._student, weights)
-            nll.append(answer_nll(self._student, held, labels, self._formatter))
+        reasons = []
+        if held:
+            labels, _ = self._labels(held)
+            nll = []
+            for weights in (base, new):
+                set_peft_model_state_dict(self._student, weights)
+                nll.append(answer_nll(self._student, held, labels, self._formatter))
+            metrics = {**metrics, "holdout_samples": float(len(held)),
+                       "holdout_nll_before": nll[0], "holdout_nll_after": nll[1]}
+            if not nll[1] < nll[0]:
+                reasons.append(f"held-out uploads' teacher-label cross-entropy did not fall: "
+                               f"{nll[0]:.4f} -> {nll[1]:.4f} on {len(held)} samples")
+        if self._source_check:
+            pool = self._source_check
+            answers = [s.reference_answer for s in pool]
+            acc = []
+            for weights in (base, new):
+                set_peft_model_state_dict(self._student, weights)
+                acc.append(answer_exact_match(self._student, pool, answers, self._formatter))
+            metrics = {**metrics, "source_check_samples": float(len(pool)),
+                       "source_acc_before": acc[0], "source_acc_after": acc[1]}
+            if acc[0] - acc[1] > self.cfg.source_check_margin + 1e-9:
+                reasons.append(f"source accuracy fell by more than "
+                               f"{self.cfg.source_check_margin}: {acc[0]:.3f} -> {acc[1]:.3f} "
+                               f"on {len(pool)} held-out source videos")
         set_peft_model_state_dict(self._student, new)
-        metrics = {**metrics, "holdout_samples": float(len(held)),
-                   "holdout_nll_before": nll[0], "holdout_nll_after": nll[1]}
-        withheld = None
-        if not nll[1] < nll[0]:
-            withheld = (f"held-out uploads' teacher-label cross-entropy did not fall: "
-                        f"{nll[0]:.4f} -> {nll[1]:.4f} on {len(held)} samples")
-        return TrainResult(adapter=new, metrics=metrics, withheld=withheld)
-
-    def _replay_pool(self, base: Any, student_dir: str) -> list[Any]:
-        """Source samples encoded by the student's (shared) vision tower; [] without replay."""
-        if self.cfg.replay_ratio == 0:
-            return []
-        from cloud.distill.replay import source_replay
-        from shared.models.processor import PROCESSOR_FILE, VLMProcessor
-
-        if not (Path(student_dir) / PROCESSOR_FILE).is_file():
-            raise ConfigError(f"`replay_ratio` {self.cfg.replay_ratio} needs a zoo student "
-                              f"checkpoint ({PROCESSOR_FILE} in {student_dir!r}) to encode "
-                              "source samples; set replay_ratio = 0 for other checkpoints")
-        return source_replay(base, VLMProcessor.from_pretrained(student_dir),
-                             self.cfg.replay_config())
+        return TrainResult(adapter=new, metrics=metrics, withheld="; ".join(reasons) or None)
 
     def _adapter_now(self) -> StateDict:
         from peft import get_peft_model_state_dict
@@ -286,3 +316,16 @@ class AkdTrainer:
         finally:
             cache.close()
         return found, len(samples) - len(todo)
+
+
+def _encoded_source(base: Any, student_dir: str, config: ReplayConfig, needed_by: str
+                    ) -> list[Any]:
+    """Procedural samples of `config` encoded by the student's (shared) vision tower."""
+    from cloud.distill.replay import source_replay
+    from shared.models.processor import PROCESSOR_FILE, VLMProcessor
+
+    if not (Path(student_dir) / PROCESSOR_FILE).is_file():
+        raise ConfigError(f"{needed_by} needs a zoo student checkpoint ({PROCESSOR_FILE} in "
+                          f"{student_dir!r}) to encode source samples; set it to 0 for other "
+                          "checkpoints")
+    return source_replay(base, VLMProcessor.from_pretrained(student_dir), config)

@@ -15,6 +15,9 @@ from shared.errors import ConfigError
     ({"holdout_share": -0.1}, "holdout_share"),
     ({"holdout_share": 0.25, "nproc_per_node": 2}, "holdout_share"),
     ({"replay_ratio": 1.0}, "replay_ratio"),
+    ({"source_check_samples": -1}, "source_check_samples"),
+    ({"source_check_samples": 8, "nproc_per_node": 2}, "source_check_samples"),
+    ({"source_check_margin": 1.5}, "source_check_margin"),
 ])
 def test_bad_options_name_the_field(options: dict[str, object], field: str) -> None:
     with pytest.raises(ConfigError, match=field):

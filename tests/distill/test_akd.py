@@ -15,10 +15,11 @@ from cloud.distill import (
     AKDConfig,
     DistillSample,
     LoRASpec,
+    answer_exact_match,
     attach_lora,
     label,
 )
-from cloud.distill.akd import _forward
+from cloud.distill.akd import _forward, _generate
 from cloud.distill.prompt import pack
 from shared.codec import CODECS
 from shared.errors import ConfigError
@@ -279,6 +280,34 @@ def test_budgeted_round_on_an_applied_update_moves_only_lora_b(pair) -> None:
     assert 0 < sum(int((d != 0).sum()) for d in delta.values()) <= 30
 
 
+def test_budgeted_round_avoids_entries_the_source_replay_leans_on(pair) -> None:
+    teacher, fmt, samples, labels = pair
+    replay = tp.samples(8, seed=11, with_reference=True)
+    replay_labels = label(teacher, replay, fmt)
+    # the source task's squared gradient (CE on the replay answers) of each LoRA entry at v0
+    student = _student()
+    v0 = {k: v.clone() for k, v in get_peft_model_state_dict(student).items()}
+    batch = pack(fmt, [s.question for s in replay], [s.visual_tokens.shape[0] for s in replay],
+                 [t.answer_ids for t in replay_labels])
+    out, _ = _forward(student, batch, replay)
+    picked = torch.cat([out[i, p] for i, p in enumerate(batch.answer_positions)])  # (N, V)
+    torch.nn.functional.cross_entropy(picked, torch.cat(batch.answer_ids)).backward()
+    fisher = {k.replace(".default", ""): p.grad.square() for k, p in student.named_parameters()
+              if p.requires_grad and p.grad is not None}
+
+    def source_mass(penalty: float) -> float:
+        cfg = AKDConfig(steps=3, batch_size=4, lr=5e-3, delta_entries=30, saliency_batches=3,
+                        replay_ratio=0.5, source_penalty=penalty)
+        result = AdapterDistiller(cfg).fit(_student(), None, samples, formatter=fmt,
+                                           labels=labels, replay=replay,
+                                           replay_labels=replay_labels)
+        chosen = _delta(result.adapter, v0)
+        assert 0 < sum(int((d != 0).sum()) for d in chosen.values()) <= 30
+        return sum(float(fisher[k][d != 0].sum()) for k, d in chosen.items())
+
+    assert 0 < source_mass(1e4) < 0.5 * source_mass(0.0)  # measured: 20x less
+
+
 def test_budgeted_resume_ranks_against_the_round_base(pair) -> None:
     """A resumed round (student restored mid-round, `base` given) trains the same entries."""
     _, fmt, samples, labels = pair
@@ -305,3 +334,19 @@ def test_top_entries_picks_the_k_largest_across_tensors() -> None:
     assert sum(int(m.sum()) for m in top_entries([torch.ones(4), torch.ones(3)], 5)) == 5
     with pytest.raises(ValueError, match="k"):
         top_entries([torch.ones(2)], -1)
+
+
+def test_exact_match_equals_greedy_decoding(pair) -> None:
+    teacher, fmt, _, _ = pair
+    samples = tp.samples(12, seed=9)
+    own, truth = [], []
+    for s in samples:  # the teacher's own greedy answers, cut to 2 tokens (some then go on)
+        g = _generate(teacher, fmt, s, max_new_tokens=2).tolist()
+        own.append(fmt.tokenizer.decode([t for t in g if t != fmt.eos_id]))
+        ids = fmt.answer_ids(own[-1])
+        truth.append(_generate(teacher, fmt, s, max_new_tokens=len(ids)).tolist() == ids)
+    assert 0 < sum(truth) < len(truth)  # both cases occur
+    assert answer_exact_match(teacher, samples, own, fmt) == sum(truth) / len(truth)
+    wrong = [a + " red" for a in own]  # greedy stops (or goes on) where these do not
+    assert answer_exact_match(teacher, samples, wrong, fmt, batch_size=5) == 0.0
+    assert teacher.training is False

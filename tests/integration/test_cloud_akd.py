@@ -31,7 +31,7 @@ from device.sync.credentials import Credentials
 from device.sync.updater import AdapterUpdater, UpdaterConfig
 from shared.errors import WireFormatError
 from shared.media import procedural as P
-from shared.models.zoo import ZooPaths, ensure_zoo
+from shared.models.zoo import COMMITTED, ZooPaths, ensure_zoo
 from shared.types import Enrollment, SampleBatch, UploadSample, VisualTokens
 from shared.wire import convert
 from tests.cloud.daemon import SECRET, start_cloud
@@ -152,6 +152,33 @@ def test_holdout_check_withholds_a_round_that_does_not_lower_held_out_loss(
     same = trainer.train(start, uploads, ctx)
     assert same.withheld is not None and "did not fall" in same.withheld
     assert same.metrics["holdout_nll_after"] == same.metrics["holdout_nll_before"] == before
+
+
+def test_source_check_withholds_a_round_that_costs_source_accuracy(tmp_path: Path) -> None:
+    root = COMMITTED / "default"  # a student that answers source videos (the test zoo's cannot)
+    if not (root / "student" / "config.json").is_file():
+        pytest.skip("no committed default zoo")
+    zoo = ZooPaths(root / "teacher", root / "student", root)
+    trainer = TRAINERS.build("akd", {
+        "student_dir": str(zoo.student), "teacher_dir": str(zoo.teacher),
+        "work_dir": str(tmp_path / "akd"), "steps": 2, "replay_ratio": 0.0,
+        "source_check_samples": 16, "source_check_margin": 0.1})
+    uploads = _blur_uploads(zoo, 2)
+    start = trainer.initial_adapter()
+    # finished rounds (resumed at their last checkpoint) that end at the start, and far from it
+    ctx = _Ctx()
+    ctx.saved = (2, start)
+    same = trainer.train(start, uploads, ctx)
+    assert same.withheld is None and same.metrics["source_check_samples"] == 16.0
+    before = same.metrics["source_acc_before"]
+    assert same.metrics["source_acc_after"] == before >= 0.5
+    gen = torch.Generator().manual_seed(0)
+    ctx.saved = (2, {k: v if "lora_A" in k else torch.randn(v.shape, generator=gen)
+                     for k, v in start.items()})  # random B: a far larger change than a round
+    broken = trainer.train(start, uploads, ctx)
+    assert broken.withheld is not None and "source accuracy fell" in broken.withheld
+    assert broken.metrics["source_acc_before"] == before
+    assert broken.metrics["source_acc_after"] < before - 0.1
 
 
 def test_round_on_zoo_models_reaches_the_device(zoo: ZooPaths, tmp_path: Path) -> None:
