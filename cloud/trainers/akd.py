@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,13 +257,17 @@ class AkdTrainer:
 
         from cloud.distill import answer_exact_match, answer_nll
 
+        def before_after(score: Callable[[], float]) -> tuple[float, float]:
+            """`score` of the student at the round's start adapter, then at its end."""
+            set_peft_model_state_dict(self._student, base)
+            first = score()
+            set_peft_model_state_dict(self._student, new)
+            return first, score()
+
         reasons = []
         if held:
             labels, _ = self._labels(held)
-            nll = []
-            for weights in (base, new):
-                set_peft_model_state_dict(self._student, weights)
-                nll.append(answer_nll(self._student, held, labels, self._formatter))
+            nll = before_after(lambda: answer_nll(self._student, held, labels, self._formatter))
             metrics = {**metrics, "holdout_samples": float(len(held)),
                        "holdout_nll_before": nll[0], "holdout_nll_after": nll[1]}
             if not nll[1] < nll[0]:
@@ -272,10 +276,8 @@ class AkdTrainer:
         if self._source_check:
             pool = self._source_check
             answers = [s.reference_answer for s in pool]
-            acc = []
-            for weights in (base, new):
-                set_peft_model_state_dict(self._student, weights)
-                acc.append(answer_exact_match(self._student, pool, answers, self._formatter))
+            acc = before_after(lambda: answer_exact_match(self._student, pool, answers,
+                                                          self._formatter))
             metrics = {**metrics, "source_check_samples": float(len(pool)),
                        "source_acc_before": acc[0], "source_acc_after": acc[1]}
             if acc[0] - acc[1] > self.cfg.source_check_margin + 1e-9:
