@@ -37,6 +37,8 @@ from shared.errors import ConfigError
 log = logging.getLogger("bench.compression")
 
 RATIOS = (1.0, 0.5, 0.25, 0.15)
+SPARSEVLM_BUDGET = 192 / 576
+"""SparseVLM's official budget (192 of LLaVA-1.5's 576 tokens), also run for its methods."""
 PRE_LLM_METHODS = ("vidcom2", "vidcom2_exact", "random", "uniform")
 IN_LLM_METHODS = ("sparsevlm", "vidcom2+sparsevlm")
 
@@ -293,7 +295,9 @@ def _accuracy_run(args: argparse.Namespace, model: Any, proc: Any, method: str, 
 def _grid(methods: Sequence[str]) -> list[tuple[str, float]]:
     grid = [("none", 1.0)]
     for m in methods:
-        grid += [(m, r) for r in RATIOS]
+        ratios = sorted({*RATIOS, SPARSEVLM_BUDGET} if m in IN_LLM_METHODS else RATIOS,
+                        reverse=True)
+        grid += [(m, r) for r in ratios]
     return grid
 
 
@@ -372,6 +376,12 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for media, task in report.get("accuracy", {}).get("tasks", {}).items():
         full = _find(task["runs"], "none", 1.0)
+        official = _find(task["runs"], "sparsevlm", SPARSEVLM_BUDGET)
+        if full and official:
+            rel = official["accuracy"] / full["accuracy"] if full["accuracy"] else math.nan
+            out[f"{media}_sparsevlm_192_of_576_keeps_96pct_accuracy"] = {
+                "full": full["accuracy"], "sparsevlm": official["accuracy"], "relative": rel,
+                "met": bool(rel >= 0.96)}
         v25 = _find(task["runs"], "vidcom2", 0.25)
         if not (full and v25):
             continue

@@ -40,12 +40,21 @@ def test_accuracy_goals_arithmetic() -> None:
     runs = [{"method": "none", "keep_ratio": 1.0, "accuracy": 0.8},
             {"method": "vidcom2", "keep_ratio": 0.25, "accuracy": 0.795},
             {"method": "random", "keep_ratio": 0.25, "accuracy": 0.7},
-            {"method": "uniform", "keep_ratio": 0.25, "accuracy": 0.8}]
+            {"method": "uniform", "keep_ratio": 0.25, "accuracy": 0.8},
+            {"method": "sparsevlm", "keep_ratio": compression.SPARSEVLM_BUDGET, "accuracy": 0.76}]
     g = compression.goals({"accuracy": {"tasks": {"video": {"runs": runs}}}})
     assert g["video_vidcom2_25_keeps_99pct_accuracy"]["met"] is True
+    official = g["video_sparsevlm_192_of_576_keeps_96pct_accuracy"]
+    assert official["relative"] == pytest.approx(0.95) and official["met"] is False
     beats = g["video_vidcom2_25_beats_baselines"]
     assert beats["met"] is False
     assert beats["margin"]["random"] == pytest.approx(0.095)
+
+
+def test_in_llm_methods_also_run_at_the_official_budget() -> None:
+    grid = compression._grid(["vidcom2", "sparsevlm"])
+    assert ("sparsevlm", 192 / 576) in grid and ("vidcom2", 192 / 576) not in grid
+    assert [r for m, r in grid if m == "sparsevlm"] == [1.0, 0.5, 192 / 576, 0.25, 0.15]
 
 
 def test_prefill_peak_bytes_replays_cpu_allocations_in_order() -> None:
