@@ -41,6 +41,10 @@ class Metrics:
         self.loss = Gauge(
             "cdca_distill_loss", "Training loss of the latest round at its first and last step",
             ["point"], registry=r)
+        self.round_check = Gauge(
+            "cdca_distill_check",
+            "The latest round's publish checks at its start and end adapter (source_accuracy, "
+            "holdout_nll), published or withheld", ["check", "point"], registry=r)
         self.update_bytes = Histogram(
             "cdca_update_bytes", "Encoded (DWC) update payload sizes", buckets=_SIZE_BUCKETS,
             registry=r)

@@ -167,6 +167,11 @@ class DistillWorker:
                 self._store.fail_job(job.job_id, f"{type(e).__name__}: {e}")
                 self._metrics.rounds.labels("failed").inc()
             return 0
+        for check, key in (("source_accuracy", "source_acc"), ("holdout_nll", "holdout_nll")):
+            for point in ("before", "after"):
+                value = result.metrics.get(f"{key}_{point}")
+                if value is not None:
+                    self._metrics.round_check.labels(check, point).set(value)
         if result.withheld is not None:
             self._store.withhold_job(job.job_id, result.withheld)
             self._metrics.rounds.labels("withheld").inc()

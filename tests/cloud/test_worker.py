@@ -110,7 +110,9 @@ class _Withholding:
     def train(self, adapter: dict[str, torch.Tensor], samples: Sequence[UploadSample],
               ctx: JobContext) -> TrainResult:
         result = self._inner.train(adapter, samples, ctx)
-        return TrainResult(result.adapter, result.metrics, withheld="no better on held-out")
+        checks = {"source_acc_before": 0.9, "source_acc_after": 0.8}
+        return TrainResult(result.adapter, {**result.metrics, **checks},
+                           withheld="source accuracy fell")
 
 
 def test_withheld_round_consumes_its_samples_and_publishes_nothing(tmp_path: Path) -> None:
@@ -122,6 +124,10 @@ def test_withheld_round_consumes_its_samples_and_publishes_nothing(tmp_path: Pat
     assert w._store.update_for("cam-01", 0) is None
     assert w._store.open_jobs() == []
     assert w.run_once() == 0  # nothing left to distil
+    exported = w._metrics.registry.get_sample_value
+    assert exported("cdca_distill_check", {"check": "source_accuracy", "point": "before"}) == 0.9
+    assert exported("cdca_distill_check", {"check": "source_accuracy", "point": "after"}) == 0.8
+    assert exported("cdca_distill_rounds_total", {"outcome": "withheld"}) == 1.0
 
 
 def test_error_feedback_keeps_the_device_mirror_at_target_minus_residual(tmp_path: Path) -> None:
