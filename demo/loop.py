@@ -73,7 +73,7 @@ class DemoConfig:
     zoo: str = "default"
     batch_size: int = 4
     ablation_rounds: int = 2
-    """Rounds per ablation variant (at most `rounds`): 2 fits seven variants in 15 minutes on
+    """Rounds per ablation variant (at most `rounds`): 2 fits seven variants in about 16 minutes on
     2 cores; the goals speak of 3 (`--ablation-rounds 3 --variants uts,random`)."""
 
     def __post_init__(self) -> None:

@@ -181,7 +181,7 @@ def ablation_section(ab: dict[str, Any], out: Path) -> list[str]:
         f"`python -m demo --ablations`: each variant is a fresh run of the same loop (new "
         f"certificates, stores and devices) with one setting changed, {ab['rounds']} round(s) of "
         f"{ab['samples_per_round']} samples per device (fewer rounds than the demo so that all "
-        "variants fit in 15 minutes on 2 cores), evaluated on the same held-out sets. "
+        "variants fit in about 16 minutes on 2 cores), evaluated on the same held-out sets. "
         "Accuracy is each device's final adapter; bytes are summed over both devices "
         "(uplink) or averaged over devices and rounds (downlink).", "",
         f"- `random` uploads the same share of samples UTS uploaded in `uts` (per round of "
