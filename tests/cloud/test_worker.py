@@ -94,22 +94,29 @@ def test_quiet_period_turns_a_burst_of_uploads_into_one_round(tmp_path: Path,
     assert w.run_once() == 1  # a full job does not wait for the quiet period
 
 
-class _Withholding:
-    """The tiny trainer, but every round is judged no better than its start."""
+class _Wrapping:
+    """A trainer that delegates to a tiny one; subclasses change `train`."""
 
-    def __init__(self) -> None:
-        self._inner = TinyKdTrainer(TINY)
-        self.base_model_hash = self._inner.base_model_hash
+    def __init__(self, inner: TinyKdTrainer) -> None:
+        self.inner = inner
+        self.base_model_hash = inner.base_model_hash
 
     def initial_adapter(self) -> dict[str, torch.Tensor]:
-        return self._inner.initial_adapter()
+        return self.inner.initial_adapter()
 
     def check_sample(self, sample: UploadSample) -> None:
-        self._inner.check_sample(sample)
+        self.inner.check_sample(sample)
+
+
+class _Withholding(_Wrapping):
+    """The tiny trainer, but every round fails a check before publishing."""
+
+    def __init__(self) -> None:
+        super().__init__(TinyKdTrainer(TINY))
 
     def train(self, adapter: dict[str, torch.Tensor], samples: Sequence[UploadSample],
               ctx: JobContext) -> TrainResult:
-        result = self._inner.train(adapter, samples, ctx)
+        result = self.inner.train(adapter, samples, ctx)
         checks = {"source_acc_before": 0.9, "source_acc_after": 0.8}
         return TrainResult(result.adapter, {**result.metrics, **checks},
                            withheld="source accuracy fell")
@@ -158,18 +165,12 @@ def test_fleet_cohort_trains_once_and_encodes_per_device(tmp_path: Path) -> None
     assert a[1] == b[1]  # same adapter, same base: same bytes, separately signed headers
 
 
-class _StopAfter:
+class _StopAfter(_Wrapping):
     """Wraps a trainer; asks the worker to stop once a checkpoint at `step` is reached."""
 
     def __init__(self, inner: TinyKdTrainer, step: int) -> None:
-        self.inner, self.step, self.worker = inner, step, None
-        self.base_model_hash = inner.base_model_hash
-
-    def initial_adapter(self) -> dict[str, torch.Tensor]:
-        return self.inner.initial_adapter()
-
-    def check_sample(self, sample: UploadSample) -> None:
-        self.inner.check_sample(sample)
+        super().__init__(inner)
+        self.step, self.worker = step, None
 
     def train(self, adapter: dict[str, torch.Tensor], samples: Sequence[UploadSample],
               ctx: JobContext) -> TrainResult:
