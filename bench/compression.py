@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from device.compress import COMPRESSORS
+from device.compress.base import KeepPlan, Stage, VisualBatch
+from device.compress.vidcom2 import exact_total
 from device.vlm.compressed import CompressedVLM
 from shared.errors import ConfigError
 
@@ -39,8 +41,56 @@ log = logging.getLogger("bench.compression")
 RATIOS = (1.0, 0.5, 0.25, 0.15)
 SPARSEVLM_BUDGET = 192 / 576
 """SparseVLM's official budget (192 of LLaVA-1.5's 576 tokens), also run for its methods."""
-PRE_LLM_METHODS = ("vidcom2", "vidcom2_exact", "random", "uniform")
+PRE_LLM_METHODS = ("vidcom2", "vidcom2_exact", "random", "uniform", "scene_oracle")
 IN_LLM_METHODS = ("sparsevlm", "vidcom2+sparsevlm")
+
+
+class SceneOracle:
+    """Reference selection that reads the generator's scene: tokens showing an object first (in
+    random order), then random others, exactly round(keep_ratio * F * N) of them. No device can
+    run it; the benchmark uses it to show what a budget can keep on these tasks at all.
+
+    `CompressedVLM` selects the items of a batch in batch order, once in `select` and again
+    inside `generate`, so the masks given by `set_scenes` are consumed cyclically.
+    """
+
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+
+    def __init__(self, keep_ratio: float, seed: int = 0) -> None:
+        self.keep_ratio = keep_ratio
+        self._gen = torch.Generator().manual_seed(seed)
+        self._scenes: list[torch.Tensor] = []
+        self._next = 0
+
+    def set_scenes(self, object_masks: Sequence[torch.Tensor]) -> None:
+        """The next batch's items: (T_i,) bool, True where a frame-grid token shows an object."""
+        self._scenes, self._next = list(object_masks), 0
+
+    def select(self, batch: VisualBatch) -> KeepPlan:
+        if not self._scenes:
+            raise ConfigError("scene_oracle: no scenes set for this batch")
+        t, m = batch.num_frames, batch.tokens_per_frame
+        shows = self._scenes[self._next % len(self._scenes)][: t * m]  # (F*N,)
+        self._next += 1
+        k = exact_total(self.keep_ratio, t * m)
+        rank = torch.rand(t * m, generator=self._gen) + shows.float()  # objects rank above 1
+        keep = rank.topk(k).indices.sort().values  # (K,)
+        return KeepPlan(keep=keep, frame_counts=torch.bincount(keep // m, minlength=t))
+
+
+def object_masks(samples: Sequence[Any], processor: Any) -> list[torch.Tensor]:
+    """Per procedural sample, (T,) bool over its visual tokens: True where one shows an object
+    (`shared.models.pretrain.token_targets`, colour column)."""
+    from shared.models.pretrain import token_targets
+
+    out = []
+    for s in samples:
+        targets = token_targets(s, processor)
+        if targets is None:
+            raise ConfigError("scene_oracle needs one visual token per scene cell; this model's "
+                              "token grid does not have that")
+        out.append(targets[:, 0] > 0)
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -102,6 +152,8 @@ def build_compressor(method: str, ratio: float) -> Any:
         return COMPRESSORS.build("none")
     if method == "vidcom2_exact":
         return COMPRESSORS.build("vidcom2", {"keep_ratio": ratio, "exact_count": True})
+    if method == "scene_oracle":
+        return SceneOracle(ratio)
     return COMPRESSORS.build(method, {"keep_ratio": ratio})
 
 
@@ -277,11 +329,15 @@ def _accuracy_run(args: argparse.Namespace, model: Any, proc: Any, method: str, 
                   batches: list[list[Any]], encoded: list[dict[str, Any]], device: torch.device
                   ) -> dict[str, Any]:
     comp = build_compressor(method, ratio)
+    if isinstance(comp, SceneOracle):
+        comp.set_scenes(object_masks(batches[0], proc))
     run_method(model, method, ratio, comp, encoded[0], args.max_new_tokens, proc.pad_id, device,
                args.original_positions)
     comp = build_compressor(method, ratio)  # fresh seed state after the warm-up
     hits, stats = [], []
     for b, inputs in zip(batches, encoded, strict=True):
+        if isinstance(comp, SceneOracle):
+            comp.set_scenes(object_masks(b, proc))
         new, st = run_method(model, method, ratio, comp, inputs, args.max_new_tokens,
                              proc.pad_id, device, args.original_positions)
         stats.append(st)
@@ -295,8 +351,8 @@ def _accuracy_run(args: argparse.Namespace, model: Any, proc: Any, method: str, 
 def _grid(methods: Sequence[str]) -> list[tuple[str, float]]:
     grid = [("none", 1.0)]
     for m in methods:
-        ratios = sorted({*RATIOS, SPARSEVLM_BUDGET} if m in IN_LLM_METHODS else RATIOS,
-                        reverse=True)
+        extra = m in IN_LLM_METHODS or m == "scene_oracle"  # the oracle bounds SparseVLM's too
+        ratios = sorted({*RATIOS, SPARSEVLM_BUDGET} if extra else RATIOS, reverse=True)
         grid += [(m, r) for r in ratios]
     return grid
 
@@ -331,7 +387,7 @@ def scale_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
                      torch.randint(3, 500, (text,), generator=gen)])[None]
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
               "pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=gen).to(device)}
-    grid = _grid(args.methods)
+    grid = [(m, r) for m, r in _grid(args.methods) if m != "scene_oracle"]  # no scenes here
     comps = [build_compressor(m, r) for m, r in grid]
     stats: list[list[BatchStats]] = [[] for _ in grid]
     prefill_peaks: list[int | None] = [None for _ in grid]
@@ -382,6 +438,10 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
             out[f"{media}_sparsevlm_192_of_576_keeps_96pct_accuracy"] = {
                 "full": full["accuracy"], "sparsevlm": official["accuracy"], "relative": rel,
                 "met": bool(rel >= 0.96)}
+            oracle = _find(task["runs"], "scene_oracle", SPARSEVLM_BUDGET)
+            if oracle and full["accuracy"]:
+                out[f"{media}_sparsevlm_192_of_576_keeps_96pct_accuracy"][
+                    "scene_oracle_relative"] = oracle["accuracy"] / full["accuracy"]
         v25 = _find(task["runs"], "vidcom2", 0.25)
         if not (full and v25):
             continue
@@ -391,6 +451,10 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
         out[f"{media}_vidcom2_25_keeps_99pct_accuracy"] = {
             "full": full["accuracy"], "vidcom2_25": v25["accuracy"], "relative": rel,
             "met": bool(rel >= 0.99)}
+        oracle = _find(task["runs"], "scene_oracle", 0.25)
+        if oracle and full["accuracy"]:  # what any selection can keep at 25% on this data
+            out[f"{media}_vidcom2_25_keeps_99pct_accuracy"]["scene_oracle_25_relative"] = (
+                oracle["accuracy"] / full["accuracy"])
         out[f"{media}_vidcom2_25_beats_baselines"] = {
             "margin": beats, "met": bool(beats) and all(m > 0 for m in beats.values())}
     sc = report.get("scale")
@@ -446,7 +510,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         methods = sorted({r["method"] for r in ok if r["method"] != "none"})
         for m in methods:
             pts = sorted((r["keep_ratio"], r[key]) for r in ok if r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            oracle = m == "scene_oracle"  # a bound, not a method: drawn apart
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if oracle else "o",
+                    ls=":" if oracle else "-", color="grey" if oracle else None, label=m)
         full = _find(runs, "none", 1.0)
         if full:
             ax.axhline(full[key], color="k", ls="--", lw=1, label="all tokens")

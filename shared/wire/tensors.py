@@ -77,13 +77,15 @@ def decode_array(
         want = rank if rank is not None else f"<= {MAX_RANK}"
         raise WireFormatError(f"{field}.shape: got rank {len(shape)} {shape}, expected {want}")
     count = 1
+    span = 1  # product of the non-zero dimensions: a zero cannot hide a huge one
     for d in shape:
         if d < 0:
             raise WireFormatError(f"{field}.shape: negative dimension in {shape}")
         count *= d
-        if count > max_elements:  # checked while multiplying: no overflow, no huge allocation
+        span *= max(d, 1)
+        if span > max_elements:  # checked while multiplying: no overflow, no huge allocation
             raise WireFormatError(
-                f"{field}.shape: {shape} has more than {max_elements} elements (the limit)"
+                f"{field}.shape: {shape} spans more than {max_elements} elements (the limit)"
             )
     dtype = DTYPES[tensor.dtype]
     if len(tensor.data) != count * dtype.itemsize:

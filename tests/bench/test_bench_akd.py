@@ -25,7 +25,8 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert json.loads(capsys.readouterr().out) == report
     assert (tmp_path / "out" / "akd.png").stat().st_size > 1000
     assert set(report["accuracy"]) == {"before", "akd", "ce_only", "akd_no_replay", "teacher",
-                                       "akd_dwc", "akd_budgeted", "akd_budgeted_dwc"}
+                                       "akd_dwc", "akd_lora_b_only", "akd_budgeted",
+                                       "akd_budgeted_dwc"}
     assert set(report["accuracy"]["akd"]) == {"low_light", "source"}
     assert report["rounds"]["akd"]["replay_per_batch"] == 1.0  # round(4 * 0.25)
     assert report["rounds"]["akd_no_replay"]["replay_per_batch"] == 0.0
@@ -44,6 +45,9 @@ def test_bench_runs_on_the_test_zoo(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert t["ratio"] == pytest.approx(t["akd_step_s"] / t["reference_s"])
     g = report["goals"]
     assert g["akd_step_le_1p25x_teacher_fwd_plus_student_fwd_bwd"]["met"] == (t["ratio"] <= 1.25)
+    gap = g["budgeted_round_gap"]
+    assert gap["from_freezing_a_pt"] + gap["from_the_entry_budget_pt"] == pytest.approx(
+        gap["dense_pt"] - gap["budgeted_pt"])
 
 
 def _report(points: list[tuple[float, float]], ratio: float) -> dict:

@@ -52,8 +52,9 @@ def test_accuracy_goals_arithmetic() -> None:
 
 
 def test_in_llm_methods_also_run_at_the_official_budget() -> None:
-    grid = compression._grid(["vidcom2", "sparsevlm"])
+    grid = compression._grid(["vidcom2", "sparsevlm", "scene_oracle"])
     assert ("sparsevlm", 192 / 576) in grid and ("vidcom2", 192 / 576) not in grid
+    assert ("scene_oracle", 192 / 576) in grid  # bounds what SparseVLM's budget can keep
     assert [r for m, r in grid if m == "sparsevlm"] == [1.0, 0.5, 192 / 576, 0.25, 0.15]
 
 
@@ -71,3 +72,38 @@ def test_prefill_peak_bytes_replays_cpu_allocations_in_order() -> None:
     mib = 1 << 20
     assert 12 * mib <= compression.prefill_peak_bytes(cpu, overlapping) < 13 * mib
     assert 8 * mib <= compression.prefill_peak_bytes(cpu, sequential) < 9 * mib
+
+
+def test_scene_oracle_keeps_object_tokens_first_and_cycles_through_the_batch() -> None:
+    from device.compress.base import VisualBatch
+
+    oracle = compression.SceneOracle(0.5)
+    first = torch.zeros(8, dtype=torch.bool)
+    first[[1, 4, 6]] = True
+    second = torch.zeros(8, dtype=torch.bool)
+    second[[0, 7]] = True
+    oracle.set_scenes([first, second])
+    batch = VisualBatch(torch.randn(2, 4, 3))  # 2 frames x 4 tokens
+    plans = [oracle.select(batch) for _ in range(3)]  # items 1, 2, then 1 again (generate)
+    for plan, shows in zip(plans, [first, second, first], strict=True):
+        assert plan.keep.numel() == 4 and bool((plan.keep[1:] > plan.keep[:-1]).all())
+        assert set(shows.nonzero().squeeze(1).tolist()) <= set(plan.keep.tolist())
+        assert plan.frame_counts is not None and int(plan.frame_counts.sum()) == 4
+    with pytest.raises(compression.ConfigError, match="no scenes"):
+        compression.SceneOracle(0.5).select(batch)
+
+
+def test_object_masks_mark_the_tokens_of_cells_with_objects() -> None:
+    from shared.media import procedural as P
+    from shared.models.processor import VLMProcessor
+    from shared.models.zoo import ZOOS, make_tokenizer_ids
+
+    tok, _ = make_tokenizer_ids()
+    proc = VLMProcessor.from_spec(ZOOS["default"].spec("teacher"), tok, "question_both")
+    samples = P.batch("source", 4, seed=3, media_kind="video")
+    masks = compression.object_masks(samples, proc)
+    assert len(masks) == len(samples)
+    for mask in masks:
+        assert mask.shape == (proc.num_visual_tokens("video"),)
+        assert 0 < int(mask.sum()) < mask.numel() - 1  # some cells show objects, the newline none
+        assert not bool(mask[-1])

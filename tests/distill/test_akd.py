@@ -280,6 +280,25 @@ def test_budgeted_round_on_an_applied_update_moves_only_lora_b(pair) -> None:
     assert 0 < sum(int((d != 0).sum()) for d in delta.values()) <= 30
 
 
+def test_b_only_round_leaves_lora_a_and_restores_its_trainability(pair) -> None:
+    """`train_lora_a=False`: a dense round moves every B matrix and no A entry, and A trains
+    again in the next round (the in-process trainer reuses one student)."""
+    _, fmt, samples, labels = pair
+    student = _student()
+    dense = AdapterDistiller(AKDConfig(steps=20, batch_size=4, lr=5e-2)).fit(
+        student, None, samples, formatter=fmt, labels=labels)
+    b_only = AdapterDistiller(AKDConfig(steps=10, batch_size=4, lr=5e-3, train_lora_a=False)).fit(
+        student, None, samples, formatter=fmt, labels=labels)
+    delta = _delta(b_only.adapter, dense.adapter)
+    assert all(not d.any() for k, d in delta.items() if ".lora_A." in k)
+    assert all(d.any() for k, d in delta.items() if ".lora_B." in k)
+    assert all(p.requires_grad for n, p in student.named_parameters() if ".lora_A." in n)
+    again = AdapterDistiller(AKDConfig(steps=5, batch_size=4, lr=5e-3)).fit(
+        student, None, samples, formatter=fmt, labels=labels)
+    assert any(d.any() for k, d in _delta(again.adapter, b_only.adapter).items()
+               if ".lora_A." in k)
+
+
 def test_budgeted_round_avoids_entries_the_source_replay_leans_on(pair) -> None:
     teacher, fmt, samples, labels = pair
     replay = tp.samples(8, seed=11, with_reference=True)
