@@ -104,9 +104,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     defaults = AkdTrainerConfig()
     evaluator = Evaluator(student_dir, LoRASpec(rank=defaults.lora_r, alpha=defaults.lora_alpha,
                                                 dropout=0.0, targets=defaults.lora_targets))
+    teacher = load_vlm(teacher_dir)
     rows: dict[str, Any] = {"before": evaluator.run(_zero_b(evaluator), sets),
-                            "teacher": {d: _scored(load_vlm(teacher_dir), items)
-                                        for d, items in sets.items()}}
+                            "teacher": {d: _scored(teacher, items) for d, items in sets.items()}}
+    del teacher
     seconds: dict[str, float] = {}
     for n in args.full_ft_sizes:
         t0 = time.perf_counter()
