@@ -17,8 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +63,39 @@ def _lr_lambda(s: StageSchedule) -> Callable[[int], float]:
         frac = (step - s.warmup) / max(1, s.steps - s.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return f
+
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {PRECISIONS}, got {precision!r}")
+
+
+@contextmanager
+def _training_attention(model: PreTrainedModel, precision: str) -> Iterator[None]:
+    """Eager attention while a bf16 stage trains, the model's own afterwards.
+
+    Under bf16 autocast the CPU flash-attention backward of SDPA runs 4x slower than in fp32
+    and ate the matmuls' gain; eager attention is a few bf16 matmuls (sequences are ~100
+    tokens), so a stage B step is 1.5x faster than fp32 SDPA.
+    """
+    before = model.config._attn_implementation  # noqa: SLF001 - transformers' own field
+    if precision == "bf16":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if precision == "bf16":
+            model.set_attn_implementation(before)
+
+
+def _autocast(precision: str) -> torch.autocast | nullcontext[None]:
+    """Forward-pass autocast of a stage: weights, optimizer and gradients stay fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # ----------------------------------------------------------------------------- stage A
@@ -131,8 +166,12 @@ def _unit_tokens(model: PreTrainedModel, pixels: torch.Tensor, arch: str) -> tor
 
 def train_vision(model: PreTrainedModel, processor: VLMProcessor,
                  samples: Sequence[P.QASample], sched: StageSchedule, seed: int,
-                 progress: bool = True) -> dict[str, float]:
-    """Stage A: train tower + projector with the appearance head; returns final loss parts."""
+                 progress: bool = True, precision: str = "fp32") -> dict[str, float]:
+    """Stage A: train tower + projector with the appearance head; returns final loss parts.
+
+    `precision` "bf16" runs the forward passes under bf16 autocast (see `_autocast`).
+    """
+    _check_precision(precision)
     arch = processor.config.architecture
     frames, targets = frame_targets(samples)  # (N, S, S, 3), (N, C, 13)
     unit = 2 if arch == "qwen2_vl" else 1
@@ -156,33 +195,35 @@ def train_vision(model: PreTrainedModel, processor: VLMProcessor,
     cfg = processor.config
     parts: dict[str, float] = {}
     bar = tqdm(range(sched.steps), desc="stage A vision", disable=not progress, leave=False)
-    for _ in bar:
-        idx = torch.randint(0, n_units, (sched.batch,), generator=gen)
-        fr = frames[idx]  # (U, T, S, S, 3)
-        px = normalize(fr.flatten(0, 1), cfg.image_mean, cfg.image_std)  # (U*T, 3, S, S)
-        px = px.view(fr.shape[0], unit, *px.shape[1:])  # (U, T, 3, S, S)
-        tgt = targets[idx]  # (U, T, C, 13)
-        # a temporal pair's token sees both frames: class from the frame with the object
-        # (the later one wins ties), regression targets averaged over the pair
-        cls = tgt[..., 0].long().amax(1)  # (U, C)
-        has = tgt[..., 10].amax(1)  # (U, C)
-        reg = tgt[..., 1:10].mean(1)  # (U, C, 9)
-        is_video = tgt[..., 11].amax(1)
-        out = head(_unit_tokens(model, px, arch))  # (U, C, H)
-        l_cls = F.cross_entropy(out[..., :_N_CLASS].flatten(0, 1), cls.flatten(),
-                                weight=cls_weight)
-        mse = (out[..., _N_CLASS:] - reg) ** 2  # (U, C, 9)
-        l_obj = (mse[..., 0:5].mean(-1) * has).sum() / has.sum().clamp(min=1)
-        l_time = (mse[..., 5] * is_video).sum() / is_video.sum().clamp(min=1)
-        l_bg = mse[..., 6:9].mean()
-        loss = l_cls + 10 * l_obj + 3 * l_time + 10 * l_bg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        parts = {"cls": l_cls.item(), "obj": l_obj.item(), "time": l_time.item(),
-                 "bg": l_bg.item()}
-        bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
+    with _training_attention(model, precision):
+        for _ in bar:
+            idx = torch.randint(0, n_units, (sched.batch,), generator=gen)
+            fr = frames[idx]  # (U, T, S, S, 3)
+            px = normalize(fr.flatten(0, 1), cfg.image_mean, cfg.image_std)  # (U*T, 3, S, S)
+            px = px.view(fr.shape[0], unit, *px.shape[1:])  # (U, T, 3, S, S)
+            tgt = targets[idx]  # (U, T, C, 13)
+            # a temporal pair's token sees both frames: class from the frame with the object
+            # (the later one wins ties), regression targets averaged over the pair
+            cls = tgt[..., 0].long().amax(1)  # (U, C)
+            has = tgt[..., 10].amax(1)  # (U, C)
+            reg = tgt[..., 1:10].mean(1)  # (U, C, 9)
+            is_video = tgt[..., 11].amax(1)
+            with _autocast(precision):
+                out = head(_unit_tokens(model, px, arch)).float()  # (U, C, H)
+            l_cls = F.cross_entropy(out[..., :_N_CLASS].flatten(0, 1), cls.flatten(),
+                                    weight=cls_weight)
+            mse = (out[..., _N_CLASS:] - reg) ** 2  # (U, C, 9)
+            l_obj = (mse[..., 0:5].mean(-1) * has).sum() / has.sum().clamp(min=1)
+            l_time = (mse[..., 5] * is_video).sum() / is_video.sum().clamp(min=1)
+            l_bg = mse[..., 6:9].mean()
+            loss = l_cls + 10 * l_obj + 3 * l_time + 10 * l_bg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            parts = {"cls": l_cls.item(), "obj": l_obj.item(), "time": l_time.item(),
+                     "bg": l_bg.item()}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in parts.items()})
     model.eval()
     return parts
 
@@ -355,7 +396,7 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
                    samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
                    sched: StageSchedule, seed: int, desc: str,
                    progress: bool = True, aux_weight: float = 0.0,
-                   token_drop: float = 0.0) -> float:
+                   token_drop: float = 0.0, precision: str = "fp32") -> float:
     """Stages B/C: train the language model on cached visual tokens; returns the final loss
     (EMA, answer loss plus the weighted auxiliary loss).
 
@@ -366,8 +407,9 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
     With `token_drop` > 0 (LLaVA-OV only) that share of batches keeps a random subset of each
     sample's visual tokens at their full-prompt positions (`_drop_tokens`), and every batch
     passes explicit mask-derived positions, so the model answers from what a compressor keeps
-    or a device uploads.
+    or a device uploads. `precision` "bf16" runs the forward passes under bf16 autocast.
     """
+    _check_precision(precision)
     if token_drop > 0 and processor.config.architecture != "llava_onevision":
         raise ValueError("token_drop needs 1-D RoPE positions (llava_onevision), got "
                          f"{processor.config.architecture!r}")
@@ -389,49 +431,62 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
     model.train()
     ema, aux_txt = float("nan"), ""
     bar = tqdm(range(sched.steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
-        kind = kinds[int(torch.multinomial(weights, 1, generator=gen))]
-        pool = pools[kind]
-        pick = [pool[int(j)] for j in torch.randint(0, len(pool), (sched.batch,), generator=gen)]
-        batch = [samples[i] for i in pick]
-        text = processor.text_inputs([s.question for s in batch], [s.answer for s in batch],
-                                     kind)
-        grid_key = "video_grid_thw" if kind == "video" else "image_grid_thw"
-        if processor.config.architecture == "qwen2_vl":
-            g = processor.config.image_size // processor.config.patch_size
-            t = processor.config.num_frames // 2 if kind == "video" else 1
-            text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
-        placeholder = processor.video_id if kind == "video" else processor.image_id
-        feats = [tokens[i] for i in pick]
-        targets = [aux[i] if aux else None for i in pick]  # (N_i, 4) or None each
-        if token_drop > 0:
-            keeps = [torch.arange(f.shape[0]) for f in feats]
-            if float(torch.rand((), generator=gen)) < token_drop:
-                keeps = [_drop_keep(f.shape[0], t, gen)
-                         for f, t in zip(feats, targets, strict=True)]
-            text = _drop_tokens(text, placeholder, keeps, processor.pad_id)
-            feats = [f[k] for f, k in zip(feats, keeps, strict=True)]
-            targets = [None if t is None else t[k] for t, k in zip(targets, keeps, strict=True)]
-        enc = as_encoder_outputs(model, {kind: feats})
-        use_aux = all(t is not None for t in targets)
-        out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
-        loss = out.loss
-        if use_aux:
-            h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (sum K, D)
-            parts = _aux_losses(head(h), torch.cat([t for t in targets if t is not None]))
-            loss = loss + aux_weight * sum(parts) / len(parts)
-            aux_txt = " aux " + " ".join(f"{p.item():.2f}" for p in parts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        lr_sched.step()
-        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix_str(f"loss={ema:.3f}{aux_txt}")
+    with _training_attention(model, precision):
+        for _ in bar:
+            kind = kinds[int(torch.multinomial(weights, 1, generator=gen))]
+            pick = [pools[kind][int(j)]
+                    for j in torch.randint(0, len(pools[kind]), (sched.batch,), generator=gen)]
+            text, enc, targets = _language_batch(model, processor, samples, tokens, aux, pick,
+                                                 kind, token_drop, gen)
+            placeholder = processor.video_id if kind == "video" else processor.image_id
+            use_aux = all(t is not None for t in targets)
+            with _autocast(precision):
+                out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
+                loss = out.loss.float()
+                if use_aux:
+                    h = out.hidden_states[layer][text["input_ids"] == placeholder]  # (sum K, D)
+                    parts = _aux_losses(head(h).float(),
+                                        torch.cat([t for t in targets if t is not None]))
+                    loss = loss + aux_weight * sum(parts) / len(parts)
+                    aux_txt = " aux " + " ".join(f"{p.item():.2f}" for p in parts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            lr_sched.step()
+            ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
+            bar.set_postfix_str(f"loss={ema:.3f}{aux_txt}")
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     return ema
+
+
+def _language_batch(model: PreTrainedModel, processor: VLMProcessor,
+                    samples: Sequence[P.QASample], tokens: Sequence[torch.Tensor],
+                    aux: Sequence[torch.Tensor | None], pick: Sequence[int], kind: str,
+                    token_drop: float, gen: torch.Generator
+                    ) -> tuple[dict[str, torch.Tensor], Any, list[torch.Tensor | None]]:
+    """Model inputs of one stage B/C batch of `kind` samples `pick`: text inputs, encoder
+    outputs and each row's auxiliary targets ((K_i, 4) or None), after the token drop."""
+    batch = [samples[i] for i in pick]
+    text = processor.text_inputs([s.question for s in batch], [s.answer for s in batch], kind)
+    if processor.config.architecture == "qwen2_vl":
+        g = processor.config.image_size // processor.config.patch_size
+        t = processor.config.num_frames // 2 if kind == "video" else 1
+        grid_key = "video_grid_thw" if kind == "video" else "image_grid_thw"
+        text[grid_key] = torch.tensor([[t, g, g]] * len(batch), dtype=torch.long)
+    feats = [tokens[i] for i in pick]
+    targets = [aux[i] if aux else None for i in pick]
+    if token_drop > 0:
+        placeholder = processor.video_id if kind == "video" else processor.image_id
+        keeps = [torch.arange(f.shape[0]) for f in feats]
+        if float(torch.rand((), generator=gen)) < token_drop:
+            keeps = [_drop_keep(f.shape[0], t, gen) for f, t in zip(feats, targets, strict=True)]
+        text = _drop_tokens(text, placeholder, keeps, processor.pad_id)
+        feats = [f[k] for f, k in zip(feats, keeps, strict=True)]
+        targets = [None if t is None else t[k] for t, k in zip(targets, keeps, strict=True)]
+    return text, as_encoder_outputs(model, {kind: feats}), targets
 
 
 def _aux_losses(logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:

@@ -77,3 +77,30 @@ def test_train_language_with_token_drop_lowers_its_loss(proc, test_zoo) -> None:
     last = train_language(model, tproc, samples, tokens, StageSchedule(40, 3e-3, 8, warmup=1),
                           seed=0, desc="t", progress=False, aux_weight=1.0, token_drop=1.0)
     assert math.isfinite(first) and last < first
+
+
+def test_bf16_training_lowers_its_loss_and_restores_the_attention(test_zoo) -> None:
+    from shared.models.checkpoint import load_vlm
+    from shared.models.pretrain import train_vision
+
+    loaded = load_vlm(test_zoo.teacher)
+    model, tproc = loaded.model.float().train(), loaded.processor
+    samples = P.batch("source", 16, seed=5, media_kind="video",
+                      config=P.GeneratorConfig(frame_size=tproc.config.image_size,
+                                               num_frames=tproc.config.num_frames))
+    tokens = cache_visual_tokens(model, tproc, samples, progress=False)
+    before = model.config._attn_implementation
+    kw = {"seed": 0, "desc": "t", "progress": False, "aux_weight": 1.0, "precision": "bf16"}
+    first = train_language(model, tproc, samples, tokens, StageSchedule(1, 1e-3, 8, warmup=1),
+                           **kw)
+    last = train_language(model, tproc, samples, tokens, StageSchedule(40, 3e-3, 8, warmup=1),
+                          **kw)
+    assert math.isfinite(first) and last < first
+    parts = train_vision(model, tproc, samples, StageSchedule(2, 1e-3, 4, warmup=1), seed=0,
+                         progress=False, precision="bf16")
+    assert all(math.isfinite(v) for v in parts.values())
+    assert model.config._attn_implementation == before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        train_language(model, tproc, samples, tokens, StageSchedule(1, 1e-3, 8, warmup=1),
+                       seed=0, desc="t", progress=False, precision="fp16")

@@ -4,6 +4,7 @@ and teacher/student share the visual weights so device-side tokens are valid tea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,8 @@ def test_zoo_config_validation() -> None:
         ZooConfig(token_drop=1.5)
     with pytest.raises(ConfigError, match="1-D RoPE"):
         ZooConfig(architecture="qwen2_vl", token_drop=0.5)
+    with pytest.raises(ConfigError, match="`precision` must be one of .*'fp16'"):
+        ZooConfig(precision="fp16")
 
 
 def test_cli_eval_writes_json(test_zoo, tmp_path: Path) -> None:
@@ -126,3 +129,11 @@ def test_committed_default_zoo_matches_its_config_and_loads() -> None:
     n_t = sum(p.numel() for p in t.model.language_model.parameters())
     n_s = sum(p.numel() for p in s.model.language_model.parameters())
     assert n_s * 3 < n_t
+
+
+def test_precision_enters_the_zoo_key_only_away_from_fp32() -> None:
+    # the committed default zoo was trained before `precision` existed (see the committed-zoo
+    # test): fp32 must leave its key alone, bf16 trains different weights under a new key
+    base = zoo_config("default")
+    assert base.precision == "fp32"
+    assert replace(base, precision="bf16").key() != base.key()
