@@ -137,3 +137,4 @@ def test_precision_enters_the_zoo_key_only_away_from_fp32() -> None:
     base = zoo_config("default")
     assert base.precision == "fp32"
     assert replace(base, precision="bf16").key() != base.key()
+    assert zoo_config("default-bf16") == replace(base, precision="bf16")
