@@ -63,7 +63,9 @@ def test_drop_keep_is_sorted_unique_and_in_range() -> None:
     assert min(sizes) >= round(73 * 0.1) and max(sizes) <= round(73 * 0.6)
 
 
-def test_train_language_with_token_drop_lowers_its_loss(proc, test_zoo) -> None:
+def _test_zoo_teacher(test_zoo):
+    """The test zoo's teacher in fp32 train mode, its processor, 16 source videos and their
+    cached visual tokens."""
     from shared.models.checkpoint import load_vlm
 
     loaded = load_vlm(test_zoo.teacher)
@@ -71,7 +73,11 @@ def test_train_language_with_token_drop_lowers_its_loss(proc, test_zoo) -> None:
     samples = P.batch("source", 16, seed=5, media_kind="video",
                       config=P.GeneratorConfig(frame_size=tproc.config.image_size,
                                                num_frames=tproc.config.num_frames))
-    tokens = cache_visual_tokens(model, tproc, samples, progress=False)
+    return model, tproc, samples, cache_visual_tokens(model, tproc, samples, progress=False)
+
+
+def test_train_language_with_token_drop_lowers_its_loss(test_zoo) -> None:
+    model, tproc, samples, tokens = _test_zoo_teacher(test_zoo)
     first = train_language(model, tproc, samples, tokens, StageSchedule(1, 1e-3, 8, warmup=1),
                            seed=0, desc="t", progress=False, aux_weight=1.0, token_drop=1.0)
     last = train_language(model, tproc, samples, tokens, StageSchedule(40, 3e-3, 8, warmup=1),
@@ -80,15 +86,9 @@ def test_train_language_with_token_drop_lowers_its_loss(proc, test_zoo) -> None:
 
 
 def test_bf16_training_lowers_its_loss_and_restores_the_attention(test_zoo) -> None:
-    from shared.models.checkpoint import load_vlm
     from shared.models.pretrain import train_vision
 
-    loaded = load_vlm(test_zoo.teacher)
-    model, tproc = loaded.model.float().train(), loaded.processor
-    samples = P.batch("source", 16, seed=5, media_kind="video",
-                      config=P.GeneratorConfig(frame_size=tproc.config.image_size,
-                                               num_frames=tproc.config.num_frames))
-    tokens = cache_visual_tokens(model, tproc, samples, progress=False)
+    model, tproc, samples, tokens = _test_zoo_teacher(test_zoo)
     before = model.config._attn_implementation
     kw = {"seed": 0, "desc": "t", "progress": False, "aux_weight": 1.0, "precision": "bf16"}
     first = train_language(model, tproc, samples, tokens, StageSchedule(1, 1e-3, 8, warmup=1),
