@@ -3,6 +3,7 @@ and teacher/student share the visual weights so device-side tokens are valid tea
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,8 @@ from shared.errors import ConfigError, IntegrityError
 from shared.media import procedural as P
 from shared.models import evaluate, generate_answers, load_vlm, visual_hash
 from shared.models.architectures import as_encoder_outputs, encode_visual, pixel_keys, text_keys
-from shared.models.zoo import ZooConfig, ensure_zoo, zoo_config
+from shared.models.pretrain import StageSchedule
+from shared.models.zoo import DATA_VERSION, ZooConfig, ensure_zoo, zoo_config
 
 
 def test_checkpoints_load_with_plain_from_pretrained(test_zoo) -> None:
@@ -98,7 +100,7 @@ def test_zoo_config_validation() -> None:
     with pytest.raises(ConfigError, match="1-D RoPE"):
         ZooConfig(architecture="qwen2_vl", token_drop=0.5)
     with pytest.raises(ConfigError, match="`precision` must be one of .*'fp16'"):
-        ZooConfig(precision="fp16")
+        StageSchedule(10, 1e-3, 8, precision="fp16")
 
 
 def test_cli_eval_writes_json(test_zoo, tmp_path: Path) -> None:
@@ -131,10 +133,20 @@ def test_committed_default_zoo_matches_its_config_and_loads() -> None:
     assert n_s * 3 < n_t
 
 
+def _key_without_precision(cfg: ZooConfig) -> str:
+    """The key as computed before `StageSchedule.precision` existed."""
+    config = cfg.to_dict()
+    for stage in ("vision", "teacher", "student"):
+        del config[stage]["precision"]
+    payload = json.dumps({"config": config, "data": DATA_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def test_precision_enters_the_zoo_key_only_away_from_fp32() -> None:
-    # the committed default zoo was trained before `precision` existed (see the committed-zoo
-    # test): fp32 must leave its key alone, bf16 trains different weights under a new key
-    base = zoo_config("default")
-    assert base.precision == "fp32"
-    assert replace(base, precision="bf16").key() != base.key()
-    assert zoo_config("default-bf16") == replace(base, precision="bf16")
+    # zoos trained before `StageSchedule.precision` existed keep their keys; bf16 stages train
+    # different weights and must not find an fp32 zoo's cache
+    fp32, bf16 = zoo_config("default"), zoo_config("default-bf16")
+    assert fp32.teacher.precision == "fp32" and bf16.teacher.precision == "bf16"
+    assert replace(bf16, teacher=replace(bf16.teacher, precision="fp32")) == fp32
+    assert fp32.key() == _key_without_precision(fp32) == "02804e2efd188775"
+    assert bf16.key() != _key_without_precision(bf16) == fp32.key()
