@@ -145,8 +145,9 @@ def _key_without_precision(cfg: ZooConfig) -> str:
 def test_precision_enters_the_zoo_key_only_away_from_fp32() -> None:
     # zoos trained before `StageSchedule.precision` existed keep their keys; bf16 stages train
     # different weights and must not find an fp32 zoo's cache
-    fp32, bf16 = zoo_config("default"), zoo_config("default-bf16")
+    fp32, bf16 = zoo_config("default-fp32"), zoo_config("default")
     assert fp32.teacher.precision == "fp32" and bf16.teacher.precision == "bf16"
     assert replace(bf16, teacher=replace(bf16.teacher, precision="fp32")) == fp32
     assert fp32.key() == _key_without_precision(fp32) == "02804e2efd188775"
     assert bf16.key() != _key_without_precision(bf16) == fp32.key()
+    assert bf16.key() == "20924efefe69e9d8"  # the committed zoo/default
