@@ -439,7 +439,7 @@ def train_language(model: PreTrainedModel, processor: VLMProcessor,
                     for j in torch.randint(0, len(pools[kind]), (sched.batch,), generator=gen)]
             text, enc, targets = _language_batch(model, processor, samples, tokens, aux, pick,
                                                  kind, token_drop, gen)
-            placeholder = processor.video_id if kind == "video" else processor.image_id
+            placeholder = processor.placeholder_id(kind)
             use_aux = all(t is not None for t in targets)
             with _autocast(precision):
                 out = model(**text, mm_encoder_outputs=enc, output_hidden_states=use_aux)
@@ -480,7 +480,7 @@ def _language_batch(model: PreTrainedModel, processor: VLMProcessor,
     feats = [tokens[i] for i in pick]
     targets = [aux[i] if aux else None for i in pick]
     if token_drop > 0:
-        placeholder = processor.video_id if kind == "video" else processor.image_id
+        placeholder = processor.placeholder_id(kind)
         keeps = [torch.arange(f.shape[0]) for f in feats]
         if float(torch.rand((), generator=gen)) < token_drop:
             keeps = [_drop_keep(f.shape[0], t, gen) for f, t in zip(feats, targets, strict=True)]

@@ -221,6 +221,10 @@ class VLMProcessor:
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p)
         return x.reshape(gt * gh * gw, ch * tp * p * p), [gt, gh, gw]
 
+    def placeholder_id(self, kind: str) -> int:
+        """Token id that stands for one visual token of `kind` ("video" or "image") media."""
+        return self.video_id if kind == "video" else self.image_id
+
     def text_inputs(self, questions: Sequence[str], answers: Sequence[str] | None,
                     kind: str) -> dict[str, torch.Tensor]:
         """Token-side inputs only (ids, mask, labels, Qwen2-VL token types) for `kind` media.
@@ -229,7 +233,7 @@ class VLMProcessor:
         all a forward pass needs besides the Qwen2-VL grid sizes.
         """
         n_vis = self.num_visual_tokens(kind)
-        placeholder = self.video_id if kind == "video" else self.image_id
+        placeholder = self.placeholder_id(kind)
         if self.config.architecture == "qwen2_vl":
             visual = [self.vision_start_id] + [placeholder] * n_vis + [self.vision_end_id]
         else:
